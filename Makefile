@@ -1,0 +1,37 @@
+# `make demo` and `make test` each set up everything they need on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/data/cifar10
+
+.PHONY: install demo test reference-model bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# The main job: evaluate the shipped reference model on the shipped CIFAR-10 test subset.
+demo: install
+	$(VENV)/bin/vmq env
+	$(VENV)/bin/vmq eval
+
+test: install
+	$(PY) -m pytest -q tests
+
+# Retrain the shipped reference model (CPU, resumable; see vmq/assets/MODEL_CARD.md).
+reference-model: install
+	$(PY) scripts/train_reference.py --data $(DATA) --out runs/reference
+	cp runs/reference/model.safetensors vmq/assets/vim_ref_cifar10.safetensors
+
+bench: install
+	$(PY) benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

@@ -1,0 +1,1 @@
+"""The ``vmq`` command-line front end (installed as the ``vmq_cli`` package)."""

@@ -1,0 +1,39 @@
+"""Options shared by several commands, and their checks."""
+
+from __future__ import annotations
+
+import click
+
+from vmq.errors import VmqError
+
+
+def model_options(f):
+    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Checkpoint (.pth official, plain state dict, or .safetensors).")(f)
+    f = click.option("--model", "model_name", default=None,
+                     help="Registered model name (default: the shipped reference model, or the one "
+                          "whose keys fit --checkpoint).")(f)
+    return f
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                        help="Where to run.")(f)
+
+
+def check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise VmqError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+
+
+def load_model(model_name, checkpoint):
+    from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model
+
+    if model_name is not None:
+        config_for(model_name)
+        if checkpoint is None and canonical_name(model_name) != REFERENCE_MODEL:
+            raise VmqError(f"--model {model_name} needs --checkpoint: vmq ships weights only for {REFERENCE_MODEL}")
+    return create_model(model_name, checkpoint, pretrained=checkpoint is None)

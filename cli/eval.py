@@ -1,0 +1,56 @@
+"""``vmq eval``: top-1, top-5, images/s and parameter count of a model on an image folder."""
+
+from __future__ import annotations
+
+import click
+
+from vmq_cli._options import check_device, device_option, load_model, model_options
+
+
+@click.command("eval")
+@model_options
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageNet-layout folder (<dir>/<class>/<image>, or <dir>/val/...); default: the shipped "
+                   "CIFAR-10 test subset.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader workers.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
+def command(model_name, checkpoint, data, batch_size, limit, workers, device, as_json):
+    """Evaluate a Vim model. With no arguments: the shipped reference model on the shipped test subset."""
+    from vmq_cli import _console as console
+
+    check_device(device)
+    import torch
+
+    from vmq.data import eval_loader
+    from vmq.evaluate import evaluate, param_count
+
+    torch.set_grad_enabled(False)
+    model = load_model(model_name, checkpoint)
+    loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
+    with console.progress("evaluating", len(loader.dataset)) as update:
+        metrics = evaluate(model, loader, device=device, on_batch=update)
+    result = {
+        "model": model.vmq_name,
+        **{k: metrics[k] for k in ("top1", "top1_err", "top5", "top5_err")},
+        "param_count": round(param_count(model) / 1e6, 4),
+        "img_size": data_cfg["input_size"][-1],
+        "crop_pct": data_cfg["crop_pct"],
+        "interpolation": data_cfg["interpolation"],
+        "num_images": metrics["num_images"],
+        "images_per_sec": metrics["images_per_sec"],
+        "device": device,
+        "checkpoint": checkpoint or "(shipped reference weights)",
+        "data": data or "(shipped CIFAR-10 lossless test subset)",
+    }
+    if as_json:
+        console.emit_json(result)
+    else:
+        console.emit_table(f"vmq eval: {result['model']}", [
+            ["top-1", f"{result['top1']:.2f} %"], ["top-5", f"{result['top5']:.2f} %"],
+            ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device})"],
+            ["parameters", f"{param_count(model):,}"], ["data", result["data"]],
+            ["checkpoint", result["checkpoint"]],
+        ])

@@ -1,0 +1,62 @@
+"""Facts about the environment: versions, CPU features, CUDA, optional packages and kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+from importlib import metadata
+from typing import Dict
+
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "f16c")
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_info() -> Dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "features": [f for f in _CPU_FLAGS if f in flags]}
+
+
+def kernels() -> Dict:
+    """Which compiled kernels are importable (the native extension arrives with the kernels work)."""
+    return {
+        "vmq._C": "built" if importlib.util.find_spec("vmq._C") is not None else "not built (reference PyTorch ops in use)",
+        "mamba_ssm": "installed" if importlib.util.find_spec("mamba_ssm") is not None else "not installed",
+        "cupy": "installed" if importlib.util.find_spec("cupy") is not None else "not installed",
+    }
+
+
+def collect() -> Dict:
+    import torch
+
+    from vmq import __version__
+
+    cuda = {"torch_cuda_build": torch.version.cuda or "none", "available": torch.cuda.is_available(),
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [], "nvcc": shutil.which("nvcc") or "not found"}
+    return {
+        "versions": {"vmq": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": _version("torchvision"), "timm": _version("timm"),
+                     "safetensors": _version("safetensors"), "numpy": _version("numpy")},
+        "cpu": {**cpu_info(), "torch_threads": torch.get_num_threads()},
+        "cuda": cuda,
+        "kernels": kernels(),
+    }

@@ -1,0 +1,155 @@
+"""Recipes: YAML files validated by pydantic schemas (extra keys forbidden), with ``--set`` overrides.
+
+The mechanism is generic over the schema: ``load_recipe(path, Recipe, ["calibration.num_images=64"])``
+reads the YAML, applies each override (the value is parsed as YAML, so ``8``, ``true``, ``[a, b]``
+and ``null`` mean what they look like), validates, and on failure raises one clear
+:class:`~vmq.errors.VmqError`; an unknown key names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Type, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vmq.errors import UsageError, VmqError
+
+__all__ = ["StrictModel", "ModelSpec", "CalibrationSpec", "EvalSpec", "Recipe", "load_recipe",
+           "parse_recipe", "apply_overrides", "dump_recipe"]
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe block: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(StrictModel):
+    name: Optional[str] = Field(None, description="registered model name; default: the reference model")
+    checkpoint: Optional[str] = Field(None, description="checkpoint file; default: the shipped weights")
+
+
+class CalibrationSpec(StrictModel):
+    data: Optional[str] = Field(None, description="ImageNet-layout folder; default: the model's own calibration set")
+    num_images: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class EvalSpec(StrictModel):
+    data: Optional[str] = Field(None, description="ImageNet-layout folder; default: the shipped eval set")
+    limit: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class Recipe(StrictModel):
+    """The blocks every recipe has. Compression schemes extend it with their own stages."""
+
+    version: int = Field(1, ge=1, le=1)
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    eval: EvalSpec = EvalSpec()
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set expects KEY=VALUE with a dotted key (a.b=value), got {item!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise VmqError(f"--set {key}: {part!r} is a value, not a block")
+            node = child
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _submodel(annotation: Any) -> Optional[Type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _valid_keys(schema: Type[BaseModel], loc: tuple) -> List[str]:
+    """Valid dotted keys beside the unknown one at ``loc``."""
+    model: Optional[Type[BaseModel]] = schema
+    prefix = []
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if isinstance(part, int):
+                prefix.append(str(part))
+                continue
+            return []
+        prefix.append(part)
+        model = _submodel(model.model_fields[part].annotation)
+    if model is None:
+        return []
+    return [".".join(prefix + [name]) for name in model.model_fields]
+
+
+def _format_error(schema: Type[BaseModel], exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(schema, loc)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+        hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid here: {', '.join(valid)})" if valid else "")
+        return f"{source}: unknown recipe key '{key}'{hint}{more}"
+    return f"{source}: recipe key '{key}': {err['msg']}{more}"
+
+
+def parse_recipe(raw: Any, schema: Type[R] = Recipe, overrides: Iterable[str] = (), source: str = "recipe") -> R:
+    """Validate an already-loaded mapping (plus overrides) against ``schema``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise VmqError(f"{source}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise VmqError(_format_error(schema, exc, source)) from None
+
+
+def load_recipe(path: Union[str, Path, None], schema: Type[R] = Recipe, overrides: Iterable[str] = ()) -> R:
+    """Read a YAML recipe (or only defaults when ``path`` is None) and apply ``--set`` overrides."""
+    if path is None:
+        return parse_recipe({}, schema, overrides, source="recipe")
+    path = Path(path)
+    if not path.is_file():
+        raise VmqError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise VmqError(f"{path}: not valid YAML{where}") from None
+    return parse_recipe(raw, schema, overrides, source=str(path))
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The resolved recipe as YAML (every default filled in), to save next to an output."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
