@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VMQ_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"parity fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+def run_vmq(*args, env=None, cwd=None):
+    """Run the installed CLI in a subprocess; returns CompletedProcess with text output."""
+    e = dict(os.environ)
+    e.pop("VMQ_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "vmq_cli.main", *map(str, args)], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=600)
+
+
+def fixture_config(path: Path):
+    from vmq.models.vim import VimConfig
+
+    c = json.loads((path / "config.json").read_text())["visionmamba_effective_args"]
+    return VimConfig(img_size=c["img_size"], patch_size=c["patch_size"], stride=c["stride"],
+                     embed_dim=c["embed_dim"], depth=c["depth"], d_state=c["d_state"],
+                     num_classes=c["num_classes"], norm_epsilon=c["norm_epsilon"],
+                     use_middle_cls_token=c["use_middle_cls_token"], if_divide_out=c["if_divide_out"])

@@ -1,0 +1,96 @@
+"""The command line: outputs, exit codes, one-line errors, lazy start-up."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_vmq
+
+
+def test_help_imports_no_torch():
+    code = ("import sys, vmq_cli.main as m\n"
+            "sys.argv = ['vmq', '--help']\n"
+            "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'cupy', 'mamba_ssm', 'timm')]\n"
+            "print('IMPORTED', bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "IMPORTED []" in out, out
+    assert "eval" in out and "env" in out
+
+
+def test_unknown_command_is_usage_error():
+    r = run_vmq("evl")
+    assert r.returncode == 2 and "did you mean 'eval'" in r.stderr
+
+
+def test_eval_json_on_fixture(fixtures_dir):
+    r = run_vmq("eval", "--model", "test_vim", "--checkpoint", fixtures_dir / "vim_micro" / "state_dict.safetensors",
+                "--limit", "40", "--batch-size", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # stdout holds only the JSON document
+    for key in ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                "interpolation", "num_images", "images_per_sec"):
+        assert key in res
+    assert res["num_images"] == 40 and res["model"] == "test_vim" and res["param_count"] == pytest.approx(0.0618, abs=1e-4)
+    assert res["top1"] + res["top1_err"] == pytest.approx(100)
+
+
+def test_eval_table(fixtures_dir):
+    r = run_vmq("eval", "--checkpoint", fixtures_dir / "vim_micro" / "state_dict.safetensors", "--limit", "8")
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and "test_vim" in r.stdout  # model found from the checkpoint's keys
+
+
+def test_env_json():
+    r = run_vmq("env", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["versions"]["torch"].startswith("2.14.1")
+    assert "available" in info["cuda"] and "features" in info["cpu"]
+
+
+def _one_line_error(r, code=1, match=None):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    if match:
+        assert match in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+def test_errors(tmp_path, fixtures_dir):
+    micro = fixtures_dir / "vim_micro" / "state_dict.safetensors"
+    _one_line_error(run_vmq("eval", "--checkpoint", tmp_path / "missing.pth"), match="checkpoint not found")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    _one_line_error(run_vmq("eval", "--checkpoint", corrupt), match="truncated, corrupt")
+    _one_line_error(run_vmq("eval", "--model", "vim_tiny", "--checkpoint", micro), match="it fits test_vim")
+    _one_line_error(run_vmq("eval", "--model", "vim_tinyy"), match="unknown model")
+    _one_line_error(run_vmq("eval", "--model", "vim_small"), match="needs --checkpoint")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(run_vmq("eval", "--checkpoint", micro, "--data", empty), match="is empty")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(flat / "x.png")
+    _one_line_error(run_vmq("eval", "--checkpoint", micro, "--data", flat), match="no class subfolders")
+    if not torch.cuda.is_available():
+        _one_line_error(run_vmq("eval", "--checkpoint", micro, "--device", "cuda"), match="no CUDA device")
+
+
+def test_usage_errors_exit_2():
+    r = run_vmq("eval", "--batch-size", "0")
+    assert r.returncode == 2 and "batch-size" in r.stderr
+    r = run_vmq("eval", "--no-such-option")
+    assert r.returncode == 2
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_vmq("eval", "--checkpoint", tmp_path / "missing.pth", env={"VMQ_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr

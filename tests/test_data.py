@@ -1,0 +1,83 @@
+"""Evaluation data: the shipped set and ImageNet-layout folders through timm."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vmq.models  # noqa: F401
+from vmq.data import eval_loader, folder_dataset, shipped_eval_set
+from vmq.errors import VmqError
+
+
+def test_shipped_set():
+    ds = shipped_eval_set()
+    assert len(ds) == 1017
+    assert ds.class_names[:2] == ["airplane", "automobile"] and len(ds.class_names) == 10
+    img, label = ds[0]
+    assert img.size == (32, 32) and label == 3  # CIFAR-10 test image 0 is a cat
+
+
+def _write_folder(root, n=24):
+    ds = shipped_eval_set()
+    for i in range(n):
+        cls = ds.class_names[ds.labels[i]]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i]).save(root / cls / f"{i:04d}.png")
+    return ds
+
+
+def test_folder_matches_shipped_arrays(tmp_path):
+    ds = _write_folder(tmp_path / "val")
+    model = timm.create_model("test_vim").eval()
+    loader, cfg, classes = eval_loader(model, tmp_path, batch_size=8)
+    assert cfg["input_size"] == (3, 32, 32)
+    assert classes == sorted(classes) and set(classes) <= set(ds.class_names)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32)
+    # every folder image equals the shipped image it was written from, label included
+    folder = loader.dataset
+    shipped = shipped_eval_set(folder.transform)
+    for k in range(len(folder)):
+        x, y = folder[k]
+        idx = int(folder.filename(k, basename=True).split(".")[0])
+        x_ref, y_ref = shipped[idx]
+        torch.testing.assert_close(x, x_ref)
+        assert folder.class_names[y] == ds.class_names[y_ref]
+
+
+def test_transform_is_deterministic_and_normalised():
+    model = timm.create_model("test_vim")
+    loader, cfg, _ = eval_loader(model, None, batch_size=4, limit=4)
+    x, _ = next(iter(loader))
+    raw = torch.from_numpy(shipped_eval_set().images[:4]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (raw - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(VmqError, match="not found"):
+        folder_dataset(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VmqError, match="is empty"):
+        folder_dataset(empty)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
+    with pytest.raises(VmqError, match="no class subfolders"):
+        folder_dataset(flat)
+    noimg = tmp_path / "noimg" / "cat"
+    noimg.mkdir(parents=True)
+    (noimg / "readme.txt").write_text("x")
+    with pytest.raises(VmqError, match="no images found"):
+        folder_dataset(tmp_path / "noimg")
+
+
+def test_more_classes_than_model(tmp_path):
+    for i in range(4):
+        (tmp_path / f"c{i}").mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / f"c{i}" / "x.png")
+    with pytest.raises(VmqError, match="4 classes but the model predicts 3"):
+        eval_loader(timm.create_model("test_vim", num_classes=3), tmp_path)
