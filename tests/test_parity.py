@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import fixture_config
 from vmq.models.vim import VisionMamba
+from vmq.ops.scan import selective_scan_ref
 
 FIXTURE_NAMES = ["vim_micro", "vim_micro_strong", "vim_small_stride8_variant"]
 
@@ -44,9 +45,12 @@ def test_features_match_official(fixtures_dir, name):
                 got["block0.mixer_in"] = mixer_in
                 m = layer.mixer
                 x_, z_ = m.in_proj(mixer_in).transpose(1, 2).chunk(2, dim=1)
-                fwd, bwd = m.directions()
-                got["block0.out_fwd"] = m.ssm(x_, z_, *fwd)
-                got["block0.out_bwd_flipped"] = m.ssm(x_.flip(-1), z_.flip(-1), *bwd)
+                (conv, xp, dtp, A_log, D), (conv_b, xp_b, dtp_b, A_b_log, D_b) = m.directions()
+                u, delta, B, C = m.branch(x_, conv, xp, dtp)
+                got["block0.out_fwd"] = selective_scan_ref(u, delta, -A_log.exp(), B, C, D, z_, delta_softplus=True)
+                u, delta, B, C = (t.flip(-1) for t in m.branch(x_, conv_b, xp_b, dtp_b, reverse=True))
+                got["block0.out_bwd_flipped"] = selective_scan_ref(u, delta, -A_b_log.exp(), B, C, D_b, z_.flip(-1),
+                                                                   delta_softplus=True)
             hidden, residual = layer(hidden, residual)
             got[f"block{i}.hidden_states"], got[f"block{i}.residual"] = hidden, residual
         got["forward_features"] = model.forward_features(x)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vmq.ops.scan import selective_scan
+from vmq.ops.scan import bidirectional_scan_ref, selective_scan
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm"]
 
@@ -151,8 +151,8 @@ class MambaMixer(nn.Module):
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.bidirectional = cfg.bimamba_type == "v2"
         self.if_divide_out = cfg.if_divide_out
-        # the scan implementation (same contract as vmq.ops.selective_scan_ref); swappable, e.g.
-        # for the trainable fused CPU scan or a quantized kernel
+        # the one-direction scan (contract of vmq.ops.selective_scan_ref); swappable, e.g. for
+        # the trainable fused CPU scan
         self.scan_fn = selective_scan
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -176,28 +176,37 @@ class MambaMixer(nn.Module):
             dirs.append((self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
         return dirs
 
-    def ssm(self, x: Tensor, z: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-            A_log: Tensor, D: Tensor) -> Tensor:
-        """One direction in its own time order: x, z (b, d_inner, l) -> gated output (b, d_inner, l)."""
+    def branch(self, x: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, reverse: bool = False):
+        """Scan inputs of one direction, in the original time order: ``(u, delta, B, C)``.
+
+        ``x`` is (b, d_inner, l). The backward direction's conv is causal in reversed time (the
+        official code runs it on the flipped sequence); x_proj and dt_proj act token by token.
+        ``delta`` is dt_proj's output including its bias, before the softplus.
+        """
         seqlen = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :seqlen])
-        x_dbl = x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        if reverse:
+            u = F.silu(conv1d(x.flip(-1))[..., :seqlen]).flip(-1)
+        else:
+            u = F.silu(conv1d(x)[..., :seqlen])
+        x_dbl = x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt_proj(dt).transpose(1, 2)  # (b, d_inner, l), bias included
-        A = -torch.exp(A_log.float())
-        return self.scan_fn(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
-                              delta_softplus=True)
+        delta = dt_proj(dt).transpose(1, 2)  # (b, d_inner, l)
+        return u, delta, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        dirs = self.directions()
-        out = self.ssm(x, z, *dirs[0])
+        conv, x_proj, dt_proj, A_log, D = self.directions()[0]
+        u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
+        A = -torch.exp(A_log.float())
         if self.bidirectional:
-            out_b = self.ssm(x.flip(-1), z.flip(-1), *dirs[1])
-            out = out + out_b.flip(-1)
-            if self.if_divide_out:
-                out = out / 2
+            conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = self.directions()[1]
+            u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
+            out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
+                                         B_b, C_b, D_b.float(), z, delta_softplus=True,
+                                         divide_out=self.if_divide_out, scan=self.scan_fn)
+        else:
+            out = self.scan_fn(u, delta, A, B, C, D.float(), z, True)
         return self.out_proj(out.transpose(1, 2))
 
 

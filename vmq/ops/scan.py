@@ -84,3 +84,28 @@ def selective_scan(
 ) -> Tensor:
     """Selective scan entry point used by the models (same contract as ``selective_scan_ref``)."""
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus)
+
+
+def bidirectional_scan_ref(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
+    z: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    divide_out: bool = True,
+    scan=selective_scan_ref,
+) -> Tensor:
+    """Both scan directions of a bimamba v2 mixer, every tensor in the original time order.
+
+    The forward direction runs t = 0..L-1 on ``(u, delta, A, B, C, D)``; the backward direction
+    runs t = L-1..0 on ``(u_b, delta_b, A_b, B_b, C_b, D_b)``. The outputs are summed (halved when
+    ``divide_out``) and gated once by ``silu(z)``, which equals gating each direction before the
+    sum as the official code does. ``scan`` is the one-direction implementation to use.
+    """
+    y = scan(u, delta, A, B, C, D, None, delta_softplus)
+    y_b = scan(u_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, None, delta_softplus).flip(-1)
+    y = y + y_b
+    if divide_out:
+        y = y / 2
+    if z is not None:
+        y = y * F.silu(z.float()).to(y.dtype)
+    return y
