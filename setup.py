@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 version = {}
@@ -13,7 +13,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vmq", "vmq.models", "vmq.ops", "vmq.data", "vmq.assets", "vmq_cli"],
+    packages=find_packages(include=["vmq", "vmq.*"]) + ["vmq_cli"],
     package_dir={"vmq_cli": "cli"},
     package_data={"vmq.assets": ["*.safetensors", "*.npz", "*.md", "*.json"]},
     install_requires=[

@@ -1,0 +1,1 @@
+"""The packed on-disk format (safetensors): bit packing, save, load, inspect."""

@@ -1,0 +1,1 @@
+"""Post-training quantization (PTQ4VM and baselines): quantizers, truncation search, smoothing."""

@@ -1,0 +1,126 @@
+"""Uniform quantizers used while calibrating and learning (fake quantization with straight-through rounding).
+
+Integer ranges (bits, never levels):
+
+* weights: symmetric, per output channel, integers in [-(2^(b-1) - 1), 2^(b-1) - 1];
+* activations: asymmetric unsigned, integers in [0, 2^b - 1] with an integer zero point, one
+  (scale, zero point) per token position (per-token static, PTS), per tensor, or computed per
+  token at run time (per-token dynamic).
+
+Rounding is ``torch.round`` (half to even) everywhere; :mod:`vmq.ops.quantize` fixes the same
+arithmetic for the integer path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+Granularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
+
+
+def weight_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def act_qmax(bits: int) -> int:
+    return 2 ** bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: Tensor, g: float) -> Tensor:
+    """Value of ``x``, gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale`` with straight-through rounding.
+
+    Gradients reach ``x`` inside the range and ``scale`` everywhere (the LSQ gradient).
+    """
+    zp = 0.0 if zero_point is None else zero_point
+    q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+    return (q - zp) * scale
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel weight quantizer with a learnable step size per channel."""
+
+    def __init__(self, out_features: int, bits: int):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {bits}")
+        self.bits = bits
+        self.scale = nn.Parameter(torch.ones(out_features, 1))
+
+    @property
+    def qmax(self) -> int:
+        return weight_qmax(self.bits)
+
+    def forward(self, w: Tensor) -> Tensor:
+        s = grad_scale(self.scale, 1.0 / math.sqrt(w.shape[1] * self.qmax)) if self.training else self.scale
+        return fake_quant(w, s, None, -self.qmax, self.qmax)
+
+    @torch.no_grad()
+    def integer(self, w: Tensor) -> Tensor:
+        """The stored integers (int8) of ``w``."""
+        return torch.clamp(torch.round(w / self.scale), -self.qmax, self.qmax).to(torch.int8)
+
+
+class ActQuantizer(nn.Module):
+    """Asymmetric activation quantizer over (batch, tokens, channels) inputs.
+
+    ``per_token_static``: one learnable scale and a fixed integer zero point per token position.
+    ``per_tensor_static``: one of each. ``per_token_dynamic``: min/max of each token at run time.
+    """
+
+    def __init__(self, bits: int, granularity: Granularity, num_tokens: Optional[int] = None):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"activation bits must be 2..8, got {bits}")
+        if granularity == "per_token_static" and not num_tokens:
+            raise ValueError("per_token_static needs the number of token positions")
+        self.bits, self.granularity = bits, granularity
+        n = num_tokens if granularity == "per_token_static" else 1
+        self.num_tokens = num_tokens
+        if granularity != "per_token_dynamic":
+            self.scale = nn.Parameter(torch.ones(n, 1))
+            self.register_buffer("zero_point", torch.zeros(n, 1))
+
+    @property
+    def qmax(self) -> int:
+        return act_qmax(self.bits)
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Set scale and zero point from a (clipped) range; ``lo``/``hi`` are (n,) or scalars."""
+        scale, zp = range_to_qparams(lo, hi, self.bits)
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zp.reshape(self.zero_point.shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.granularity == "per_token_dynamic":
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+            scale, zp = range_to_qparams(lo, hi, self.bits)
+            return fake_quant(x, scale, zp, 0, self.qmax)
+        if self.granularity == "per_token_static" and x.shape[-2] != self.num_tokens:
+            raise ValueError(f"per-token static quantizer calibrated for {self.num_tokens} tokens got {x.shape[-2]}")
+        s = grad_scale(self.scale, 1.0 / math.sqrt(x[..., 0, :].numel() * self.qmax)) if self.training else self.scale
+        return fake_quant(x, s, self.zero_point, 0, self.qmax)
+
+
+def range_to_qparams(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8):
+    """Asymmetric (scale, integer zero point) covering [lo, hi] (the range is widened to include 0)."""
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    qmax = act_qmax(bits)
+    scale = torch.clamp((hi - lo) / qmax, min=eps)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zp

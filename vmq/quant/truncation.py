@@ -1,0 +1,50 @@
+"""Static truncation: the clipping range that minimises the Lp quantization error over a grid."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vmq.quant.quantizers import act_qmax, range_to_qparams, weight_qmax
+
+
+@torch.no_grad()
+def weight_scale_search(w: Tensor, bits: int, p: float = 2.4, grid: int = 100) -> Tensor:
+    """Per-output-channel symmetric step sizes: clip max|w| by i/grid, keep the best per channel."""
+    qmax = weight_qmax(bits)
+    absmax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    best_err = torch.full_like(absmax, float("inf"))
+    best = absmax / qmax
+    for i in range(grid, 0, -1):
+        scale = absmax * (i / grid) / qmax
+        q = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+        err = (q - w).abs().pow(p).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    return best
+
+
+@torch.no_grad()
+def activation_range_search(x: Tensor, bits: int, p: float = 2.4, grid: int = 100, per_token: bool = True):
+    """Clipped asymmetric ranges of activations ``x`` (samples, tokens, channels).
+
+    Each token position (or the whole tensor) gets its own [lo, hi]: the observed range shrunk
+    from both ends by ``i / grid`` (i < grid / 2), choosing the i with the smallest Lp error.
+    Returns ``(lo, hi)`` of shape (tokens,) or (1,).
+    """
+    qmax = act_qmax(bits)
+    xt = x.transpose(0, 1).reshape(x.shape[1], -1) if per_token else x.reshape(1, -1)  # (groups, values)
+    lo0, hi0 = xt.amin(dim=1), xt.amax(dim=1)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for i in range(0, grid // 2):
+        shrink = (hi0 - lo0) * (i / grid)
+        lo, hi = lo0 + shrink, hi0 - shrink
+        scale, zp = range_to_qparams(lo, hi, bits)
+        q = (torch.clamp(torch.round(xt / scale[:, None]) + zp[:, None], 0, qmax) - zp[:, None]) * scale[:, None]
+        err = (q - xt).abs().pow(p).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
