@@ -111,3 +111,24 @@ def test_smoothing_scale():
     torch.testing.assert_close((x / s) @ (w * s).t(), x @ w.t(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError):
         smoothing_scale(act, w, alpha=1.5)
+
+
+@pytest.mark.parametrize("w_bits", [8, 6, 4])
+def test_quant_linear_fake_and_integer_agree(w_bits):
+    from vmq.quant.qlinear import QuantLinear
+
+    g = torch.Generator().manual_seed(w_bits)
+    lin = torch.nn.Linear(24, 12)
+    x = torch.randn(3, 5, 24, generator=g) * torch.linspace(0.1, 5, 24)
+    q = QuantLinear(lin, w_bits, 8, "per_token_static", num_tokens=5, smoothing=True).eval()
+    with torch.no_grad():
+        q.smooth.copy_(smoothing_scale(x.abs().amax(dim=(0, 1)), lin.weight, 0.5))
+        q.w_quant.scale.copy_(weight_scale_search(q.smoothed_weight(), w_bits))
+        q.a_quant.set_range(*activation_range_search(x / q.smooth, 8))
+        fake = q(x)
+        q.freeze()
+        integer = q(x)
+        assert q.weight_int.dtype == torch.int8 and q.weight_int.abs().max() <= 2 ** (w_bits - 1) - 1
+        torch.testing.assert_close(integer, fake, atol=1e-4, rtol=1e-5)
+        rel = (fake - lin(x)).norm() / lin(x).norm()
+        assert rel < {8: 0.02, 6: 0.05, 4: 0.2}[w_bits]
