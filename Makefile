@@ -29,6 +29,7 @@ test: install
 reference-model: install
 	$(PY) scripts/train_reference.py --data $(DATA) --out runs/reference
 	cp runs/reference/model.safetensors vmq/assets/vim_ref_cifar10.safetensors
+	$(PY) scripts/model_card.py runs/reference/metrics.json vmq/assets
 
 bench: install
 	$(PY) benchmarks/eval_throughput.py
