@@ -196,11 +196,12 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        conv, x_proj, dt_proj, A_log, D = self.directions()[0]
+        dirs = self.directions()
+        conv, x_proj, dt_proj, A_log, D = dirs[0]
         u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
         A = -torch.exp(A_log.float())
         if self.bidirectional:
-            conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = self.directions()[1]
+            conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = dirs[1]
             u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
             out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
                                          B_b, C_b, D_b.float(), z, delta_softplus=True,
