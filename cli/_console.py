@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -50,7 +50,3 @@ def warn(msg: str) -> None:
 
 def info(msg: str) -> None:
     err.print(msg, highlight=False)
-
-
-def rows_from(d: Dict, keys: List[str]) -> List[List[str]]:
-    return [[k, str(d[k])] for k in keys if k in d]

@@ -64,12 +64,12 @@ def main(argv=None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except VmqError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {(str(exc).strip().splitlines() or [''])[0]}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -77,7 +77,9 @@ def main(argv=None) -> None:
     except Exception as exc:  # a bug: still one line, unless debugging
         if debug:
             raise
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (set VMQ_DEBUG=1 for the traceback)", err=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(f"error: internal error: {type(exc).__name__}: {first} (set VMQ_DEBUG=1 for the traceback)",
+                   err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

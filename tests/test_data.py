@@ -44,14 +44,40 @@ def test_folder_matches_shipped_arrays(tmp_path):
         idx = int(folder.filename(k, basename=True).split(".")[0])
         x_ref, y_ref = shipped[idx]
         torch.testing.assert_close(x, x_ref)
-        assert folder.class_names[y] == ds.class_names[y_ref]
+        assert y == y_ref  # label numbers follow the model's classes, even with classes missing
+    assert len({y for _, y in folder}) < 10  # the 24 images lack some classes
+
+
+def test_unknown_class_folder(tmp_path):
+    (tmp_path / "airplane").mkdir()
+    (tmp_path / "spaceship").mkdir()
+    for c in ("airplane", "spaceship"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / c / "x.png")
+    with pytest.raises(VmqError, match="class folders spaceship are not among the model's 10 classes"):
+        eval_loader(timm.create_model("test_vim"), tmp_path)
+
+
+def test_broken_image_is_an_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "b.png").write_bytes(b"not a png")
+    ds = folder_dataset(tmp_path)
+    ds[0]
+    with pytest.raises(VmqError, match="cannot read image .*b.png"):
+        ds[1]
+
+
+def test_limit_spreads_over_classes():
+    loader, _, _ = eval_loader(timm.create_model("test_vim"), None, limit=50)
+    idx = loader.dataset.indices
+    assert len(idx) == 50 and idx[0] == 0 and idx[-1] == 1016
 
 
 def test_transform_is_deterministic_and_normalised():
     model = timm.create_model("test_vim")
     loader, cfg, _ = eval_loader(model, None, batch_size=4, limit=4)
     x, _ = next(iter(loader))
-    raw = torch.from_numpy(shipped_eval_set().images[:4]).permute(0, 3, 1, 2).float() / 255
+    raw = torch.from_numpy(shipped_eval_set().images[loader.dataset.indices]).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     torch.testing.assert_close(x, (raw - mean) / std, atol=1e-5, rtol=0)
 
@@ -76,8 +102,8 @@ def test_bad_folders(tmp_path):
 
 
 def test_more_classes_than_model(tmp_path):
-    for i in range(4):
-        (tmp_path / f"c{i}").mkdir()
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / f"c{i}" / "x.png")
+    for name in ("airplane", "bird", "cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / name / "x.png")
     with pytest.raises(VmqError, match="4 classes but the model predicts 3"):
         eval_loader(timm.create_model("test_vim", num_classes=3), tmp_path)

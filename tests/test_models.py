@@ -62,7 +62,10 @@ def test_checkpoint_formats(tmp_path, fixtures_dir):
     with torch.no_grad():
         expected = ref(x)
     official = tmp_path / "official.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, official)
+    import argparse
+
+    args = argparse.Namespace(model="vim_tiny", lr=5e-4)  # as the official training script saves
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3, "args": args}, official)
     plain = tmp_path / "plain.pt"
     torch.save(sd, plain)
     for path in (official, plain):
@@ -101,7 +104,7 @@ def test_bad_files(tmp_path, fixtures_dir):
     torch.save({"model": read_state_dict(fixtures_dir / "vim_micro" / "state_dict.safetensors")}, good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(VmqError, match="truncated, corrupt"):
+    with pytest.raises(VmqError, match="truncated or corrupt"):
         read_state_dict(truncated)
     st = tmp_path / "bad.safetensors"
     st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
@@ -118,5 +121,5 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, path)
     assert zipfile.is_zipfile(path)
-    with pytest.raises(VmqError, match="weights-only"):
+    with pytest.raises(VmqError, match="Python objects besides weights .*never runs pickled code"):
         read_state_dict(path)

@@ -14,7 +14,13 @@ from vmq.evaluate import evaluate
 from vmq.models import create_model
 from vmq.models.registry import REFERENCE_WEIGHTS, reference_weights_path
 
-CARD = json.loads((resources.files("vmq.assets") / "vim_ref_cifar10.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def card():
+    path = resources.files("vmq.assets") / "vim_ref_cifar10.json"
+    assert path.is_file(), "the reference model's metrics file is missing from vmq/assets"
+    return json.loads(path.read_text())
 
 
 def test_weights_are_shipped_and_small():
@@ -25,15 +31,15 @@ def test_weights_are_shipped_and_small():
     assert eval_set.is_file() and len(eval_set.read_bytes()) <= 5 * 2**20
 
 
-def test_model_card_accuracy_on_shipped_subset():
+def test_model_card_accuracy_on_shipped_subset(card):
     model = create_model()
     loader, _, _ = eval_loader(model, None, batch_size=128)
     res = evaluate(model, loader)
     assert res["num_images"] == 1017
-    assert res["top1"] == pytest.approx(CARD["top1_lossless_1017"], abs=0.2)  # 2 images at most
+    assert res["top1"] == pytest.approx(card["top1_lossless_1017"], abs=0.2)  # 2 images at most
 
 
-def test_model_card_accuracy_on_full_test_set():
+def test_model_card_accuracy_on_full_test_set(card):
     npz = SHARED / "data" / "cifar10" / "cifar10_jpeg_official_order.npz"
     if not npz.is_file():
         pytest.skip("CIFAR-10 data not found")
@@ -50,4 +56,4 @@ def test_model_card_accuracy_on_full_test_set():
     ds = ArrayImageDataset(images, z["test_y"], transform=transform)
     res = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=250))
     assert res["num_images"] == 10000
-    assert res["top1"] == pytest.approx(CARD["top1_test_10000"], abs=0.1)
+    assert res["top1"] == pytest.approx(card["top1_test_10000"], abs=0.1)

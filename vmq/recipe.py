@@ -142,7 +142,11 @@ def load_recipe(path: Union[str, Path, None], schema: Type[R] = Recipe, override
     if not path.is_file():
         raise VmqError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VmqError(f"cannot read recipe {path}: {type(exc).__name__}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

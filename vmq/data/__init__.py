@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from vmq.errors import VmqError
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
-__all__ = ["ArrayImageDataset", "shipped_eval_set", "folder_dataset", "eval_transform", "eval_loader"]
+__all__ = ["ArrayImageDataset", "FolderDataset", "shipped_eval_set", "folder_dataset", "model_label_names",
+           "eval_transform", "eval_loader"]
 
 
 class ArrayImageDataset(Dataset):
@@ -52,8 +52,14 @@ def shipped_eval_set(transform: Optional[Callable] = None) -> ArrayImageDataset:
         return ArrayImageDataset(z["images"], z["labels"], [str(c) for c in z["class_names"]], transform)
 
 
-def _check_folder(root: Path) -> Path:
-    """Return the folder whose subfolders are the classes (``root`` or its val/validation split)."""
+def _image_extensions() -> Tuple[str, ...]:
+    from timm.data import get_img_extensions
+
+    return tuple(get_img_extensions())
+
+
+def _check_folder(root: Path) -> Tuple[Path, List[str]]:
+    """The folder whose subfolders are the classes (``root`` or its val/validation/test split), and them."""
     if not root.exists():
         raise VmqError(f"data folder not found: {root}")
     if not root.is_dir():
@@ -62,26 +68,77 @@ def _check_folder(root: Path) -> Path:
         if (root / split).is_dir():
             root = root / split
             break
+    exts = _image_extensions()
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
     if not classes:
         if loose:
             raise VmqError(f"{root} holds images but no class subfolders: expected ImageNet layout "
                            f"({root}/<class>/<image>)")
         raise VmqError(f"{root} is empty: expected ImageNet layout ({root}/<class>/<image>)")
-    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in c.rglob("*") if f.is_file()):
-        raise VmqError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return root
+    if not any(f.suffix.lower() in exts for c in classes for f in c.rglob("*") if f.is_file()):
+        raise VmqError(f"no images found under {root} (looked for {', '.join(exts)})")
+    return root, [c.name for c in classes]
 
 
-def folder_dataset(root: Union[str, Path], transform: Optional[Callable] = None):
-    """An ImageNet-layout folder (``root/<class>/<image>``, or ``root/val/...``) through timm."""
-    from timm.data import create_dataset
+class FolderDataset(Dataset):
+    """An ImageNet-layout folder read through timm's folder reader.
 
-    root = _check_folder(Path(root))
-    ds = create_dataset("", root=str(root), split="", is_training=False, transform=transform)
-    ds.class_names = list(ds.reader.class_to_idx)
-    return ds
+    Labels follow ``label_names`` (the model's classes) when given, so a folder that lacks some
+    classes still gets the right label numbers; otherwise the sorted folder names. An image that
+    cannot be decoded is an error naming the file (it is never skipped silently).
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None,
+                 label_names: Optional[Sequence[str]] = None):
+        from timm.data import create_dataset
+
+        root, classes = _check_folder(Path(root))
+        if label_names is not None:
+            index = {name: i for i, name in enumerate(label_names)}
+            unknown = [c for c in classes if c not in index]
+            if unknown:
+                shown = ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+                raise VmqError(f"{root}: class folders {shown} are not among the model's {len(label_names)} "
+                               f"classes (which are named like {', '.join(list(label_names)[:3])})")
+            class_map = {c: index[c] for c in classes}
+            self.class_names = list(label_names)
+        else:
+            class_map = {c: i for i, c in enumerate(classes)}
+            self.class_names = classes
+        self.root = root
+        self.reader = create_dataset("", root=str(root), split="", is_training=False, class_map=class_map).reader
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def filename(self, index: int, basename: bool = False) -> str:
+        return self.reader.filename(index, basename=basename)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, target = self.reader[index]
+        try:
+            img = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise VmqError(f"cannot read image {self.reader.filename(index)}: {exc}") from None
+        return (self.transform(img) if self.transform else img), int(target)
+
+
+def folder_dataset(root: Union[str, Path], transform: Optional[Callable] = None,
+                   label_names: Optional[Sequence[str]] = None) -> FolderDataset:
+    """An ImageNet-layout folder (``root/<class>/<image>``, or ``root/val/...``)."""
+    return FolderDataset(root, transform, label_names)
+
+
+def model_label_names(model: torch.nn.Module) -> Optional[List[str]]:
+    """The class names of ``model``'s pretrained cfg, when they match its number of classes."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names and len(names) == getattr(model, "num_classes", -1):
+        return list(names)
+    return None
 
 
 def eval_transform(model: torch.nn.Module) -> Tuple[Callable, dict]:
@@ -96,14 +153,17 @@ def eval_loader(model: torch.nn.Module, data: Union[str, Path, None] = None, bat
                 limit: Optional[int] = None, workers: int = 0) -> Tuple[DataLoader, dict, List[str]]:
     """A loader over ``data`` (a folder; the shipped set when None) with ``model``'s transform."""
     transform, cfg = eval_transform(model)
-    ds = shipped_eval_set(transform) if data is None else folder_dataset(data, transform)
+    ds = shipped_eval_set(transform) if data is None else folder_dataset(data, transform, model_label_names(model))
     num_classes = getattr(model, "num_classes", None)
     if num_classes and len(ds.class_names) > num_classes:
         raise VmqError(f"the data has {len(ds.class_names)} classes but the model predicts {num_classes}")
+    class_names = ds.class_names
     if limit is not None:
         if limit < 1:
             raise VmqError(f"--limit must be at least 1, got {limit}")
-        ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-        ds.class_names = ds.dataset.class_names
+        # evenly spaced over the (class-sorted) set, so that a limit still covers every class
+        n = len(ds)
+        idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(limit)}) if limit < n else range(n)
+        ds = torch.utils.data.Subset(ds, list(idx))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return loader, cfg, ds.class_names
+    return loader, cfg, class_names

@@ -19,7 +19,8 @@ def create_model(name: Optional[str] = None, checkpoint: Union[str, Path, None] 
                  pretrained: bool = False) -> VisionMamba:
     """Build a registered Vim, optionally loading a checkpoint.
 
-    * no name, no checkpoint: the shipped reference model with its trained weights;
+    * no name, no checkpoint: the shipped reference model with its trained weights (a name with
+      ``pretrained=True`` loads the shipped weights too, for the reference model only);
     * a checkpoint without a name: the one registered model whose keys and shapes fit it;
     * a name and a checkpoint: that model, with ``num_classes`` taken from the checkpoint's head.
     """
@@ -42,5 +43,5 @@ def create_model(name: Optional[str] = None, checkpoint: Union[str, Path, None] 
     model = timm.create_model(canonical_name(name), pretrained=pretrained and checkpoint is None, **kwargs)
     model.vmq_name = canonical_name(name)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, model_name=name)
+        load_checkpoint(model, checkpoint, model_name=name, state_dict=sd)
     return model.eval()

@@ -7,6 +7,9 @@ registered model whose keys would fit.
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -37,10 +40,18 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
             raise VmqError(f"cannot read {path}: not a valid safetensors file ({_short(exc)})") from None
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, pickle with code, random bytes...
-            raise VmqError(f"cannot read {path}: truncated, corrupt, or not a weights-only checkpoint "
-                           f"({_short(exc)})") from None
+            # the official training script stores its argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+                what = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                raise VmqError(f"cannot read {path}: it holds Python objects besides weights "
+                               f"({what.group(1) if what else 'unsupported type'}); vmq loads only weights-only "
+                               "checkpoints and never runs pickled code") from None
+            raise VmqError(f"cannot read {path}: truncated or corrupt ({_short(exc)})") from None
+        except Exception as exc:  # truncated zip, random bytes...
+            raise VmqError(f"cannot read {path}: truncated or corrupt ({_short(exc)})") from None
         sd = _unwrap(obj, path)
     out = {}
     for k, v in sd.items():
@@ -89,9 +100,13 @@ def _list(keys: List[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], model_name: Optional[str] = None) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch raises a VmqError naming a fitting model."""
-    sd = read_state_dict(path)
+def load_checkpoint(model: nn.Module, path: Union[str, Path], model_name: Optional[str] = None,
+                    state_dict: Optional[StateDict] = None) -> None:
+    """Load ``path`` into ``model`` strictly; a mismatch raises a VmqError naming a fitting model.
+
+    ``state_dict``: the already-read contents of ``path`` (to avoid reading it twice).
+    """
+    sd = read_state_dict(path) if state_dict is None else state_dict
     ref = model.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]

@@ -12,11 +12,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from timm.models import generate_default_cfgs, register_model
 
 from vmq.errors import VmqError
-from vmq.models.reference import CIFAR10_MEAN, CIFAR10_STD, REFERENCE_CONFIG
+from vmq.models.reference import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, REFERENCE_CONFIG
 from vmq.models.vim import VimConfig, VisionMamba
 
 REFERENCE_MODEL = "vim_ref_cifar10"
@@ -55,13 +55,14 @@ def _imagenet_cfg(**kw) -> dict:
     # The official evaluation: DeiT-style resize to 224/0.875 then center crop 224, bicubic.
     return {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
             "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": 1000,
+            "label_names": tuple(ImageNetInfo().label_names()),  # WordNet ids, the ImageNet folder names
             "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head",
             "license": "apache-2.0", **kw}
 
 
 def _cifar_cfg(**kw) -> dict:
     return {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
-            "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_classes": 10,
+            "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_classes": 10, "label_names": CIFAR10_CLASSES,
             "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head", **kw}
 
 
@@ -109,6 +110,7 @@ def _build(variant: str, pretrained: bool = False, pretrained_cfg=None, pretrain
         raise VmqError(f"{variant}: {exc}") from None
     model.pretrained_cfg = model.default_cfg = dict(default_cfgs[variant].default.to_dict())
     model.pretrained_cfg["num_classes"] = model.num_classes
+    model.pretrained_cfg["input_size"] = (model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
     if pretrained:
         if canonical_name(variant) != REFERENCE_MODEL:
             raise VmqError(f"{variant}: vmq cannot download pretrained weights; pass a checkpoint file instead")

@@ -15,8 +15,8 @@ Arithmetic (fp32 throughout):
     out    = y * silu(z)                            if z is given
 
 ``selective_scan_ref`` is the definition: a plain time loop. ``selective_scan`` is the entry
-point the models call; it picks an implementation that gives the same numbers (to fp32
-rounding) and is fast enough for training on a CPU.
+point the models call; today it is the reference itself, and it is where compiled kernels
+plug in. (Training uses :mod:`vmq.ops.scan_train`, swapped in per model.)
 """
 
 from __future__ import annotations
