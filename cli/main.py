@@ -52,6 +52,10 @@ def vmq() -> None:
     """vmq: compress Vision Mamba models (PTQ, VQ) and run them."""
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def main(argv=None) -> None:
     from vmq.errors import VmqError
 
@@ -69,7 +73,7 @@ def main(argv=None) -> None:
     except VmqError as exc:
         if debug:
             raise
-        click.echo(f"error: {(str(exc).strip().splitlines() or [''])[0]}", err=True)
+        click.echo(f"error: {_first_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -77,9 +81,8 @@ def main(argv=None) -> None:
     except Exception as exc:  # a bug: still one line, unless debugging
         if debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        click.echo(f"error: internal error: {type(exc).__name__}: {first} (set VMQ_DEBUG=1 for the traceback)",
-                   err=True)
+        click.echo(f"error: internal error: {type(exc).__name__}: {_first_line(exc)[:300]} "
+                   "(set VMQ_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

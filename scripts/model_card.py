@@ -21,7 +21,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vmq.models.vim import VimConfig, VisionMamba
 
-    m["params"] = f"{sum(p.numel() for p in VisionMamba(VimConfig.from_dict(cfg)).parameters()):,}"
+    vc = VimConfig.from_dict(cfg)
+    m["params"] = f"{sum(p.numel() for p in VisionMamba(vc).parameters()):,}"
     (out / "vim_ref_cifar10.json").write_text(json.dumps({k: m[k] for k in (
         "top1_test_10000", "top1_lossless_1017", "train_wall_s", "epochs", "batch_size", "lr", "weight_decay",
         "warmup_epochs", "label_smoothing", "seed", "threads")} | {"config": cfg, "weights_bytes": size}, indent=2) + "\n")
@@ -38,7 +39,7 @@ position embedding and the cls token as output.
 
 | img | patch / stride | tokens | embed dim | depth | d_inner | d_state | dt_rank | classes | parameters |
 |---|---|---|---|---|---|---|---|---|---|
-| {cfg['img_size']} | {cfg['patch_size']} / {cfg['stride']} | {((cfg['img_size'] - cfg['patch_size']) // cfg['stride'] + 1) ** 2 + 1} | {cfg['embed_dim']} | {cfg['depth']} | {cfg['expand'] * cfg['embed_dim']} | {cfg['d_state']} | {cfg['dt_rank'] or -(-cfg['embed_dim'] // 16)} | {cfg['num_classes']} | {m.get('params', 'see vmq eval')} |
+| {vc.img_size} | {vc.patch_size} / {vc.stride} | {vc.num_tokens} | {vc.embed_dim} | {vc.depth} | {vc.d_inner} | {vc.d_state} | {vc.resolved_dt_rank} | {vc.num_classes} | {m['params']} |
 
 ## Data
 CIFAR-10, 50000 training images and 10000 test images in the official order, stored as JPEG

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vmq.quant.quantizers import act_qmax, range_to_qparams, weight_qmax
+from vmq.quant.quantizers import act_qmax, fake_quant, range_to_qparams, weight_qmax
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def weight_scale_search(w: Tensor, bits: int, p: float = 2.4, grid: int = 100) -
     best = absmax / qmax
     for i in range(grid, 0, -1):
         scale = absmax * (i / grid) / qmax
-        q = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+        q = fake_quant(w, scale, None, -qmax, qmax)
         err = (q - w).abs().pow(p).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -42,7 +42,7 @@ def activation_range_search(x: Tensor, bits: int, p: float = 2.4, grid: int = 10
         shrink = (hi0 - lo0) * (i / grid)
         lo, hi = lo0 + shrink, hi0 - shrink
         scale, zp = range_to_qparams(lo, hi, bits)
-        q = (torch.clamp(torch.round(xt / scale[:, None]) + zp[:, None], 0, qmax) - zp[:, None]) * scale[:, None]
+        q = fake_quant(xt, scale[:, None], zp[:, None], 0, qmax)
         err = (q - xt).abs().pow(p).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
