@@ -56,7 +56,7 @@ def test_truncation_beats_minmax():
 
 
 def test_act_quantizer_per_token_static_and_token_check():
-    q = ActQuantizer(8, "per_token_static", num_tokens=5)
+    q = ActQuantizer(8, "token_static", num_tokens=5)
     q.set_range(torch.full((5,), -1.0), torch.linspace(1, 5, 5))
     x = torch.randn(3, 5, 8)
     y = q.eval()(x).detach()
@@ -113,22 +113,37 @@ def test_smoothing_scale():
         smoothing_scale(act, w, alpha=1.5)
 
 
-@pytest.mark.parametrize("w_bits", [8, 6, 4])
-def test_quant_linear_fake_and_integer_agree(w_bits):
-    from vmq.quant.qlinear import QuantLinear
+@pytest.mark.parametrize("w_bits,a_strategy,w_strategy", [(8, "token_static", "channel"), (6, "token_static", "channel"),
+                                                      (4, "token_static", "channel"), (4, "tensor_static", "tensor"),
+                                                      (8, "token_dynamic", "channel")])
+def test_quant_linear_fake_and_integer_agree(w_bits, a_strategy, w_strategy):
+    from vmq.quant.qlinear import QuantizedLinear, QuantLinear
 
     g = torch.Generator().manual_seed(w_bits)
     lin = torch.nn.Linear(24, 12)
     x = torch.randn(3, 5, 24, generator=g) * torch.linspace(0.1, 5, 24)
-    q = QuantLinear(lin, w_bits, 8, "per_token_static", num_tokens=5, smoothing=True).eval()
+    q = QuantLinear(lin, w_bits, 8, a_strategy, num_tokens=5, w_strategy=w_strategy).eval()
     with torch.no_grad():
-        q.smooth.copy_(smoothing_scale(x.abs().amax(dim=(0, 1)), lin.weight, 0.5))
-        q.w_quant.scale.copy_(weight_scale_search(q.smoothed_weight(), w_bits))
-        q.a_quant.set_range(*activation_range_search(x / q.smooth, 8))
+        q.set_smoothing(smoothing_scale(x.abs().amax(dim=(0, 1)), lin.weight, 0.5))
+        ws = q.smoothed_weight()
+        q.w_quant.scale.copy_(weight_scale_search(ws if w_strategy == "channel" else ws.reshape(1, -1), w_bits))
+        if a_strategy != "token_dynamic":
+            q.a_quant.set_range(*activation_range_search(x / q.smooth, 8, per_token=a_strategy == "token_static"))
         fake = q(x)
-        q.freeze()
-        integer = q(x)
-        assert q.weight_int.dtype == torch.int8 and q.weight_int.abs().max() <= 2 ** (w_bits - 1) - 1
-        torch.testing.assert_close(integer, fake, atol=1e-4, rtol=1e-5)
-        rel = (fake - lin(x)).norm() / lin(x).norm()
-        assert rel < {8: 0.02, 6: 0.05, 4: 0.2}[w_bits]
+        frozen = q.freeze()
+        integer = frozen(x)
+    assert isinstance(frozen, QuantizedLinear) and frozen.weight.dtype == torch.int8
+    assert frozen.weight.abs().max() <= 2 ** (w_bits - 1) - 1
+    torch.testing.assert_close(integer, fake, atol=1e-4, rtol=1e-5)
+    rel = (fake - lin(x)).norm() / lin(x).norm()
+    assert rel < {8: 0.02, 6: 0.05, 4: 0.2}[w_bits]
+
+
+def test_quantized_linear_refuses_other_token_count():
+    from vmq.quant.qlinear import QuantLinear
+
+    q = QuantLinear(torch.nn.Linear(8, 4), 8, 8, "token_static", num_tokens=5)
+    q.a_quant.set_range(torch.full((5,), -1.0), torch.ones(5))
+    frozen = q.freeze()
+    with pytest.raises(ValueError, match="calibrated for 5 tokens"):
+        frozen(torch.randn(2, 6, 8))

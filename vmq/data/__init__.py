@@ -12,14 +12,16 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vmq.errors import VmqError
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
+SHIPPED_CALIB = "cifar10_train_calib.npz"
 
 __all__ = ["ArrayImageDataset", "FolderDataset", "shipped_eval_set", "folder_dataset", "model_label_names",
-           "eval_transform", "eval_loader"]
+           "eval_transform", "eval_loader", "shipped_calibration_set", "calibration_images"]
 
 
 class ArrayImageDataset(Dataset):
@@ -45,11 +47,20 @@ class ArrayImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-def shipped_eval_set(transform: Optional[Callable] = None) -> ArrayImageDataset:
-    """The 1017 CIFAR-10 test images whose pixels are bit-exact originals (shipped in the package)."""
-    path = resources.files("vmq.assets") / SHIPPED_EVAL
+def _shipped(name: str, transform: Optional[Callable]) -> ArrayImageDataset:
+    path = resources.files("vmq.assets") / name
     with resources.as_file(path) as p, np.load(p, allow_pickle=False) as z:
         return ArrayImageDataset(z["images"], z["labels"], [str(c) for c in z["class_names"]], transform)
+
+
+def shipped_eval_set(transform: Optional[Callable] = None) -> ArrayImageDataset:
+    """The 1017 CIFAR-10 test images whose pixels are bit-exact originals (shipped in the package)."""
+    return _shipped(SHIPPED_EVAL, transform)
+
+
+def shipped_calibration_set(transform: Optional[Callable] = None) -> ArrayImageDataset:
+    """512 CIFAR-10 training images (bit-exact originals), the reference model's calibration set."""
+    return _shipped(SHIPPED_CALIB, transform)
 
 
 def _image_extensions() -> Tuple[str, ...]:
@@ -162,8 +173,34 @@ def eval_loader(model: torch.nn.Module, data: Union[str, Path, None] = None, bat
         if limit < 1:
             raise VmqError(f"--limit must be at least 1, got {limit}")
         # evenly spaced over the (class-sorted) set, so that a limit still covers every class
-        n = len(ds)
-        idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(limit)}) if limit < n else range(n)
-        ds = torch.utils.data.Subset(ds, list(idx))
+        ds = torch.utils.data.Subset(ds, _evenly_spaced(len(ds), limit))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     return loader, cfg, class_names
+
+
+def _evenly_spaced(n: int, k: int) -> List[int]:
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+
+
+def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num_images: int) -> Tuple[Tensor, str]:
+    """``num_images`` calibration images (N, 3, H, W) with ``model``'s eval transform, and their source.
+
+    With no folder, the shipped calibration set is used, which exists only for the reference
+    model. Images are taken evenly spaced over the (class-sorted) set, so every class is seen.
+    """
+    from vmq.models import REFERENCE_MODEL
+
+    transform, _ = eval_transform(model)
+    if data is None:
+        if getattr(model, "vmq_name", None) != REFERENCE_MODEL:
+            raise VmqError(f"calibration needs a data folder (calibration.data / --data): vmq ships "
+                           f"calibration images only for {REFERENCE_MODEL}")
+        ds, source = shipped_calibration_set(transform), "(shipped CIFAR-10 training subset)"
+    else:
+        ds, source = folder_dataset(data, transform, model_label_names(model)), str(data)
+    if len(ds) < num_images:
+        raise VmqError(f"calibration asks for {num_images} images but {source} holds only {len(ds)}")
+    images = torch.stack([ds[i][0] for i in _evenly_spaced(len(ds), num_images)])
+    return images, source

@@ -1,7 +1,9 @@
 """Activation quantization to integers: the reference arithmetic for every backend.
 
 ``q = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1)`` stored as uint8, with
-one (scale, zero point) per token position (per-token static) broadcast over channels.
+one (scale, zero point) per token: either per token position, shape (tokens,), shared by every
+sample (per-token static), or per token of each sample, shape ``x.shape[:-1]`` (per-token
+dynamic); broadcast over channels.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from torch import Tensor
 
 
 def quantize_per_token_ref(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8) -> Tensor:
-    """x (..., tokens, channels) float; scale, zero_point (tokens,) -> uint8 of x's shape."""
+    """x (..., tokens, channels) float; scale, zero_point (tokens,) or x.shape[:-1] -> uint8 of x's shape."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be 2..8, got {bits}")
-    if scale.shape != (x.shape[-2],) or zero_point.shape != scale.shape:
-        raise ValueError(f"scale and zero_point must be ({x.shape[-2]},), got {tuple(scale.shape)}, "
-                         f"{tuple(zero_point.shape)}")
-    q = torch.round(x.float() / scale.float()[:, None]) + zero_point.float()[:, None]
+    s, zp = per_token(scale, x), per_token(zero_point, x)
+    q = torch.round(x.float() / s.float()) + zp.float()
     return torch.clamp(q, 0, 2 ** bits - 1).to(torch.uint8)
 
 
 def dequantize_per_token_ref(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    return (q.float() - zero_point.float()[:, None]) * scale.float()[:, None]
+    return (q.float() - per_token(zero_point, q).float()) * per_token(scale, q).float()
+
+
+def per_token(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` of shape (tokens,) or ``x.shape[:-1]``, made broadcastable over ``x``'s channels."""
+    if tuple(t.shape) not in ((x.shape[-2],), tuple(x.shape[:-1])):
+        raise ValueError(f"per-token parameters must be ({x.shape[-2]},) or {tuple(x.shape[:-1])}, "
+                         f"got {tuple(t.shape)}")
+    return t.unsqueeze(-1)

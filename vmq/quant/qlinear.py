@@ -1,13 +1,16 @@
-"""A linear layer with quantized input and weight, smoothing scale included.
+"""Quantized linear layers: a learnable fake-quant layer, and the frozen integer layer it becomes.
 
     y = Qa(x / s) @ Qw(W * s)^T + b
 
-``s`` is the per-input-channel smoothing scale (ones when smoothing is off). Two modes:
+``s`` is the per-input-channel smoothing scale (kept as ``log s`` so that learning keeps it
+positive; off means s = 1).
 
-* ``fake`` (calibration and JLSS): fake quantization with straight-through rounding, every
-  scale learnable;
-* ``integer`` (after freezing): activations quantized to uint8 and multiplied with the stored
-  int8 weights through :func:`vmq.ops.linear.int8_linear_ref` (int32 accumulation, then scales).
+* :class:`QuantLinear` (calibration and JLSS): fake quantization with straight-through rounding;
+  smoothing, weight step sizes and activation step sizes are learnable.
+* :class:`QuantizedLinear` (after :meth:`QuantLinear.freeze`, and what a packed file loads
+  into): int8 weights and integer activations multiplied by :func:`vmq.ops.linear.int8_linear_ref`
+  (exact int32 accumulation, then the scales). Its smoothing scale may be folded into the
+  preceding operation (then ``smooth_scale`` is None).
 
 The two agree to fp32 rounding; a test holds them together.
 """
@@ -17,26 +20,26 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmq.ops.linear import int8_linear_ref
 from vmq.ops.quantize import quantize_per_token_ref
-from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer
+from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: Optional[int], granularity: Granularity,
-                 num_tokens: Optional[int], smoothing: bool):
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: Optional[int], granularity: Granularity = "token_static",
+                 num_tokens: Optional[int] = None, w_strategy: WeightStrategy = "channel"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.smooth = nn.Parameter(torch.ones(self.in_features), requires_grad=smoothing)
-        self.smoothing = smoothing
-        self.w_quant = WeightQuantizer(self.out_features, w_bits)
+        self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        self.log_smooth = nn.Parameter(torch.zeros(self.in_features), requires_grad=False)
+        self.smoothing = False
+        self.w_quant = WeightQuantizer(self.out_features, w_bits, w_strategy)
         self.a_quant = ActQuantizer(a_bits, granularity, num_tokens) if a_bits else None
-        self.mode = "fake"
-        self.register_buffer("weight_int", torch.empty(0, dtype=torch.int8), persistent=False)
+        self.act_quant_enabled = True  # off while observing the smoothed, unquantized inputs
 
     @property
     def w_bits(self) -> int:
@@ -46,32 +49,103 @@ class QuantLinear(nn.Module):
     def a_bits(self) -> Optional[int]:
         return self.a_quant.bits if self.a_quant is not None else None
 
+    @property
+    def smooth(self) -> Tensor:
+        return torch.exp(self.log_smooth)
+
+    def set_smoothing(self, scale: Tensor) -> None:
+        with torch.no_grad():
+            self.log_smooth.copy_(torch.log(scale.float()))
+        self.smoothing = True
+
     def smoothed_weight(self) -> Tensor:
-        return self.weight * self.smooth[None, :]
+        return self.weight * self.smooth[None, :] if self.smoothing else self.weight
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        return x / self.smooth if self.smoothing else x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "integer":
-            return self._forward_integer(x)
-        xs = x / self.smooth if self.smoothing else x
-        if self.a_quant is not None:
+        xs = self.smoothed_input(x)
+        if self.a_quant is not None and self.act_quant_enabled:
             xs = self.a_quant(xs)
-        w = self.w_quant(self.smoothed_weight())
-        return nn.functional.linear(xs, w, self.bias)
+        return F.linear(xs, self.w_quant(self.smoothed_weight()), self.bias)
+
+    def float_forward(self, x: Tensor) -> Tensor:
+        """The unquantized layer's output (smoothing cancels out)."""
+        return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Compute the stored int8 weights and switch to integer arithmetic."""
-        if self.a_quant is None or self.a_quant.granularity != "per_token_static" or self.a_bits > 8:
-            raise ValueError("integer mode needs a per-token static activation quantizer of at most 8 bits")
-        self.weight_int = self.w_quant.integer(self.smoothed_weight())
-        self.mode = "integer"
-
-    def _forward_integer(self, x: Tensor) -> Tensor:
-        xs = x / self.smooth if self.smoothing else x
-        scale, zp = self.a_quant.scale.detach()[:, 0], self.a_quant.zero_point[:, 0]
-        x_q = quantize_per_token_ref(xs, scale, zp, self.a_bits)
-        return int8_linear_ref(x_q, scale, zp, self.weight_int, self.w_quant.scale.detach()[:, 0], self.bias)
+    def freeze(self) -> "QuantizedLinear":
+        """The integer layer with this layer's current weights, step sizes and smoothing."""
+        a = self.a_quant
+        static = a is not None and a.granularity != "token_dynamic"
+        return QuantizedLinear(
+            weight_int=self.w_quant.integer(self.smoothed_weight()),
+            weight_scale=self.w_quant.flat_scale,
+            w_bits=self.w_bits,
+            w_strategy=self.w_quant.strategy,
+            a_bits=self.a_bits,
+            a_strategy=a.granularity if a is not None else None,
+            input_scale=a.scale.detach()[:, 0].clone() if static else None,
+            input_zero_point=a.zero_point[:, 0].to(torch.int32) if static else None,
+            smooth_scale=self.smooth.detach().clone() if self.smoothing else None,
+            bias=None if self.bias is None else self.bias.detach().clone(),
+        )
 
     def extra_repr(self) -> str:
         a = f"a{self.a_bits} {self.a_quant.granularity}" if self.a_quant is not None else "a16"
-        return f"{self.in_features}, {self.out_features}, w{self.w_bits} per-channel, {a}, smoothing={self.smoothing}, mode={self.mode}"
+        return (f"{self.in_features}, {self.out_features}, w{self.w_bits} per-{self.w_quant.strategy}, {a}, "
+                f"smoothing={self.smoothing}")
+
+
+class QuantizedLinear(nn.Module):
+    """Integer linear layer (inference only). Tensors are buffers named as in the packed file."""
+
+    def __init__(self, weight_int: Tensor, weight_scale: Tensor, w_bits: int, w_strategy: WeightStrategy,
+                 a_bits: Optional[int], a_strategy: Optional[Granularity], input_scale: Optional[Tensor] = None,
+                 input_zero_point: Optional[Tensor] = None, smooth_scale: Optional[Tensor] = None,
+                 bias: Optional[Tensor] = None):
+        super().__init__()
+        if weight_int.dtype != torch.int8 or weight_int.dim() != 2:
+            raise ValueError(f"weight_int must be a 2-D int8 tensor, got {weight_int.dtype} {tuple(weight_int.shape)}")
+        self.out_features, self.in_features = weight_int.shape
+        expected = (self.out_features,) if w_strategy == "channel" else (1,)
+        if tuple(weight_scale.shape) != expected:
+            raise ValueError(f"per-{w_strategy} weight_scale must be {expected}, got {tuple(weight_scale.shape)}")
+        if (a_bits is None) != (a_strategy is None):
+            raise ValueError("a_bits and a_strategy go together")
+        static = a_strategy in ("token_static", "tensor_static")
+        if static and (input_scale is None or input_zero_point is None):
+            raise ValueError(f"{a_strategy} activations need input_scale and input_zero_point")
+        self.w_bits, self.w_strategy, self.a_bits, self.a_strategy = w_bits, w_strategy, a_bits, a_strategy
+        self.register_buffer("weight", weight_int)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("input_scale", input_scale.float() if static else None)
+        self.register_buffer("input_zero_point", input_zero_point.to(torch.int32) if static else None)
+        self.register_buffer("smooth_scale", None if smooth_scale is None else smooth_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.float() * self.weight_scale.reshape(-1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale
+        if self.a_bits is None:
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        tokens = x.shape[-2]
+        if self.a_strategy == "token_dynamic":
+            scale, zp = range_to_qparams(x.amin(-1), x.amax(-1), self.a_bits)
+        else:
+            if self.a_strategy == "token_static" and self.input_scale.numel() != tokens:
+                raise ValueError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
+                                 f"the input has {tokens}")
+            scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
+        x_q = quantize_per_token_ref(x, scale, zp, self.a_bits)
+        return int8_linear_ref(x_q, scale, zp, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        a = f"a{self.a_bits} {self.a_strategy}" if self.a_bits else "a16"
+        return (f"{self.in_features}, {self.out_features}, w{self.w_bits} per-{self.w_strategy}, {a}, "
+                f"smoothing={'explicit' if self.smooth_scale is not None else 'none/folded'}")

@@ -2,10 +2,11 @@
 
 Integer ranges (bits, never levels):
 
-* weights: symmetric, per output channel, integers in [-(2^(b-1) - 1), 2^(b-1) - 1];
+* weights: symmetric, per output channel (or per tensor), integers in
+  [-(2^(b-1) - 1), 2^(b-1) - 1];
 * activations: asymmetric unsigned, integers in [0, 2^b - 1] with an integer zero point, one
-  (scale, zero point) per token position (per-token static, PTS), per tensor, or computed per
-  token at run time (per-token dynamic).
+  (scale, zero point) per token position (``token_static``, PTS), per tensor
+  (``tensor_static``), or computed per token at run time (``token_dynamic``).
 
 Rounding is ``torch.round`` (half to even) everywhere; :mod:`vmq.ops.quantize` fixes the same
 arithmetic for the integer path.
@@ -19,7 +20,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-Granularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
+Granularity = Literal["token_static", "tensor_static", "token_dynamic"]
+WeightStrategy = Literal["channel", "tensor"]
 
 
 def weight_qmax(bits: int) -> int:
@@ -51,21 +53,24 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric per-output-channel weight quantizer with a learnable step size per channel."""
+    """Symmetric weight quantizer with a learnable step size per output channel (or one per tensor)."""
 
-    def __init__(self, out_features: int, bits: int):
+    def __init__(self, out_features: int, bits: int, strategy: WeightStrategy = "channel"):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"weight bits must be 2..8, got {bits}")
-        self.bits = bits
-        self.scale = nn.Parameter(torch.ones(out_features, 1))
+        if strategy not in ("channel", "tensor"):
+            raise ValueError(f"weight strategy must be channel or tensor, got {strategy!r}")
+        self.bits, self.strategy = bits, strategy
+        self.scale = nn.Parameter(torch.ones(out_features if strategy == "channel" else 1, 1))
 
     @property
     def qmax(self) -> int:
         return weight_qmax(self.bits)
 
     def forward(self, w: Tensor) -> Tensor:
-        s = grad_scale(self.scale, 1.0 / math.sqrt(w.shape[1] * self.qmax)) if self.training else self.scale
+        per_step = w.shape[1] if self.strategy == "channel" else w.numel()
+        s = grad_scale(self.scale, 1.0 / math.sqrt(per_step * self.qmax)) if self.training else self.scale
         return fake_quant(w, s, None, -self.qmax, self.qmax)
 
     @torch.no_grad()
@@ -73,24 +78,31 @@ class WeightQuantizer(nn.Module):
         """The stored integers (int8) of ``w``."""
         return torch.clamp(torch.round(w / self.scale), -self.qmax, self.qmax).to(torch.int8)
 
+    @property
+    def flat_scale(self) -> Tensor:
+        """The step sizes as a 1-D tensor: (out_features,) or (1,)."""
+        return self.scale.detach()[:, 0].clone()
+
 
 class ActQuantizer(nn.Module):
     """Asymmetric activation quantizer over (batch, tokens, channels) inputs.
 
-    ``per_token_static``: one learnable scale and a fixed integer zero point per token position.
-    ``per_tensor_static``: one of each. ``per_token_dynamic``: min/max of each token at run time.
+    ``token_static``: one learnable scale and a fixed integer zero point per token position.
+    ``tensor_static``: one of each. ``token_dynamic``: min/max of each token at run time.
     """
 
     def __init__(self, bits: int, granularity: Granularity, num_tokens: Optional[int] = None):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"activation bits must be 2..8, got {bits}")
-        if granularity == "per_token_static" and not num_tokens:
-            raise ValueError("per_token_static needs the number of token positions")
+        if granularity not in ("token_static", "tensor_static", "token_dynamic"):
+            raise ValueError(f"unknown activation granularity {granularity!r}")
+        if granularity == "token_static" and not num_tokens:
+            raise ValueError("token_static needs the number of token positions")
         self.bits, self.granularity = bits, granularity
-        n = num_tokens if granularity == "per_token_static" else 1
+        n = num_tokens if granularity == "token_static" else 1
         self.num_tokens = num_tokens
-        if granularity != "per_token_dynamic":
+        if granularity != "token_dynamic":
             self.scale = nn.Parameter(torch.ones(n, 1))
             self.register_buffer("zero_point", torch.zeros(n, 1))
 
@@ -106,11 +118,11 @@ class ActQuantizer(nn.Module):
             self.zero_point.copy_(zp.reshape(self.zero_point.shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.granularity == "per_token_dynamic":
+        if self.granularity == "token_dynamic":
             lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
             scale, zp = range_to_qparams(lo, hi, self.bits)
             return fake_quant(x, scale, zp, 0, self.qmax)
-        if self.granularity == "per_token_static" and x.shape[-2] != self.num_tokens:
+        if self.granularity == "token_static" and x.shape[-2] != self.num_tokens:
             raise ValueError(f"per-token static quantizer calibrated for {self.num_tokens} tokens got {x.shape[-2]}")
         s = grad_scale(self.scale, 1.0 / math.sqrt(x[..., 0, :].numel() * self.qmax)) if self.training else self.scale
         return fake_quant(x, s, self.zero_point, 0, self.qmax)

@@ -1,0 +1,147 @@
+"""The PTQ recipe: which layers, which scheme, which method.
+
+Grammar (llm-compressor style: one stage with ``targets``, ``ignore`` and ``scheme``)::
+
+    quantization:
+      method: ptq4vm            # rtn | smoothquant | pts | ptq4vm
+      targets: ["re:layers\\.\\d+\\.mixer\\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
+      ignore: []                # exact names or re: patterns
+      scheme:                   # or a preset string: W8A8, W6A6, W4A8, W4A16
+        weights: {num_bits: 4, strategy: channel}
+        input_activations: {num_bits: 8, strategy: token_static}
+      smoothing: {alpha: 0.5}
+      truncation: {p: 2.4, grid: 100, num_images: 64}
+      jlss: {iterations: 100, batch_size: 64, lr_scale: 1e-3, lr_smooth: 1e-2, ...}
+
+What each method runs (the blocks of the steps it does not run are ignored):
+
+============  =========  ==========  ====
+method        smoothing  truncation  JLSS
+============  =========  ==========  ====
+rtn           no         no          no
+smoothquant   yes        no          no
+pts           yes        yes         no
+ptq4vm        yes        yes         yes
+============  =========  ==========  ====
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from vmq.recipe import Recipe, StrictModel
+
+METHODS = ("rtn", "smoothquant", "pts", "ptq4vm")
+DEFAULT_TARGETS = [r"re:layers\.\d+\.mixer\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
+PRESETS = {
+    "W8A8": (8, 8),
+    "W6A6": (6, 6),
+    "W4A8": (4, 8),
+    "W8A16": (8, None),
+    "W4A16": (4, None),
+}
+
+
+class WeightScheme(StrictModel):
+    num_bits: int = Field(8, ge=2, le=8, description="bits per weight (symmetric integers)")
+    strategy: Literal["channel", "tensor"] = "channel"
+
+
+class ActivationScheme(StrictModel):
+    num_bits: int = Field(8, ge=2, le=8, description="bits per activation (asymmetric unsigned integers)")
+    strategy: Literal["token_static", "tensor_static", "token_dynamic"] = "token_static"
+
+
+class Scheme(StrictModel):
+    weights: WeightScheme = WeightScheme()
+    input_activations: Optional[ActivationScheme] = ActivationScheme()
+
+
+class Smoothing(StrictModel):
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: s = max|x|^a / max|w|^(1-a)")
+
+
+class Truncation(StrictModel):
+    p: float = Field(2.4, gt=0.0, description="exponent of the Lp error the clipping range minimises")
+    grid: int = Field(100, ge=2, description="candidate clipping ratios")
+    num_images: int = Field(64, ge=1, description="calibration images the activation search looks at")
+
+
+class JLSS(StrictModel):
+    iterations: int = Field(100, ge=1, description="optimisation steps per block")
+    batch_size: int = Field(64, ge=1, description="images per step (cycling over the calibration set)")
+    lr_scale: float = Field(1e-3, gt=0.0, description="learning rate of the weight and activation step sizes")
+    lr_smooth: float = Field(1e-2, gt=0.0, description="learning rate of the (log) smoothing scales")
+    weight_decay: float = Field(1e-5, ge=0.0)
+    grad_clip: Optional[float] = Field(2.0, gt=0.0)
+
+
+class QuantizationStage(StrictModel):
+    method: Literal["rtn", "smoothquant", "pts", "ptq4vm"] = "ptq4vm"
+    targets: List[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    ignore: List[str] = Field(default_factory=list)
+    scheme: Scheme = Scheme()
+    smoothing: Smoothing = Smoothing()
+    truncation: Truncation = Truncation()
+    jlss: JLSS = JLSS()
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _preset(cls, v):
+        if isinstance(v, str):
+            key = v.strip().upper()
+            if key not in PRESETS:
+                raise ValueError(f"unknown scheme preset {v!r}; presets: {', '.join(PRESETS)}")
+            w, a = PRESETS[key]
+            return {"weights": {"num_bits": w}, "input_activations": None if a is None else {"num_bits": a}}
+        return v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, v: List[str]) -> List[str]:
+        for item in v:
+            if not item.strip():
+                raise ValueError("empty layer name")
+            if item.startswith("re:"):
+                try:
+                    re.compile(item[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {item!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        acts = self.scheme.input_activations
+        if self.method in ("smoothquant", "pts", "ptq4vm") and acts is None:
+            raise ValueError(f"method {self.method} smooths activations into weights; it needs "
+                             "scheme.input_activations (use method rtn for weight-only quantization)")
+        return self
+
+    @property
+    def smooths(self) -> bool:
+        return self.method != "rtn"
+
+    @property
+    def truncates(self) -> bool:
+        return self.method in ("pts", "ptq4vm")
+
+    @property
+    def learns(self) -> bool:
+        return self.method == "ptq4vm"
+
+
+class QuantRecipe(Recipe):
+    quantization: QuantizationStage = QuantizationStage()
+
+
+def scheme_label(stage: QuantizationStage) -> str:
+    """``W4A8`` style label of a stage's scheme."""
+    a = stage.scheme.input_activations
+    return f"W{stage.scheme.weights.num_bits}A{a.num_bits if a else 16}"
+
+
+__all__ = ["QuantRecipe", "QuantizationStage", "Scheme", "WeightScheme", "ActivationScheme", "Smoothing",
+           "Truncation", "JLSS", "METHODS", "PRESETS", "DEFAULT_TARGETS", "scheme_label"]
