@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
         self.smoothing = False
         self.w_quant = WeightQuantizer(self.out_features, w_bits, w_strategy)
         self.a_quant = ActQuantizer(a_bits, granularity, num_tokens) if a_bits else None
-        self.act_quant_enabled = True  # off while observing the smoothed, unquantized inputs
+        self.quant_enabled = True  # off while observing inputs: the layer then computes in floating point
 
     @property
     def w_bits(self) -> int:
@@ -65,8 +65,10 @@ class QuantLinear(nn.Module):
         return x / self.smooth if self.smoothing else x
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.quant_enabled:
+            return self.float_forward(x)
         xs = self.smoothed_input(x)
-        if self.a_quant is not None and self.act_quant_enabled:
+        if self.a_quant is not None:
             xs = self.a_quant(xs)
         return F.linear(xs, self.w_quant(self.smoothed_weight()), self.bias)
 

@@ -1,0 +1,91 @@
+"""JLSS: Joint Learning of Smoothing scales and Step sizes, for one block (PTQ4VM, Cho et al. 2025).
+
+The block's quantized linear layers learn, together, their per-channel smoothing scales (as
+``log s``), weight step sizes and activation step sizes, so that the quantized block's output
+follows the floating-point block's output. The block is fed the outputs of the blocks already
+quantized before it; the target is the floating-point block's output on floating-point inputs.
+Loss: 1 - cosine similarity per token, averaged. Rounding is straight-through, step sizes get
+LSQ's gradient scale (see :mod:`vmq.quant.quantizers`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmq.quant.qlinear import QuantLinear
+from vmq.quant.recipe import JLSS
+
+
+def cosine_loss(out: Tensor, target: Tensor) -> Tensor:
+    return (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
+
+
+def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
+                layers: Dict[str, QuantLinear], cfg: JLSS, seed: int = 0) -> Tuple[float, float]:
+    """Optimise the quantization parameters of ``layers`` (inside ``block``) in place.
+
+    Returns the loss over all inputs before and after learning.
+    """
+    hidden, residual = inputs
+    n = hidden.shape[0]
+    scales, smooths = [], []
+    for q in layers.values():
+        scales.append(q.w_quant.scale)
+        if q.a_quant is not None and hasattr(q.a_quant, "scale"):
+            scales.append(q.a_quant.scale)
+        if q.smoothing:
+            smooths.append(q.log_smooth)
+    params = scales + smooths
+    saved = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    groups = [{"params": scales, "lr": cfg.lr_scale}]
+    if smooths:
+        groups.append({"params": smooths, "lr": cfg.lr_smooth})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            total = 0.0
+            for i in range(0, n, cfg.batch_size):
+                r = None if residual is None else residual[i:i + cfg.batch_size]
+                out, _ = block(hidden[i:i + cfg.batch_size], r)
+                total += cosine_loss(out, target[i:i + cfg.batch_size]).item() * out.shape[0]
+            return total / n
+
+    before = full_loss()
+    for q in layers.values():  # LSQ gradient scaling is active in training mode; the rest stays in eval
+        q.train()
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    try:
+        for _ in range(cfg.iterations):
+            if pos + cfg.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            out, _ = block(hidden[idx], None if residual is None else residual[idx])
+            loss = cosine_loss(out, target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for p in scales:
+                    p.clamp_(min=1e-8)
+    finally:
+        for q in layers.values():
+            q.eval()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        for p in params:
+            p.requires_grad_(False)
+    return before, full_loss()
