@@ -8,6 +8,7 @@ from vmq_cli._options import check_device, device_option, load_model, model_opti
 
 
 @click.command("eval")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
 @model_options
 @click.option("--data", type=click.Path(), default=None,
               help="ImageNet-layout folder (<dir>/<class>/<image>, or <dir>/val/...); default: the shipped "
@@ -17,8 +18,12 @@ from vmq_cli._options import check_device, device_option, load_model, model_opti
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader workers.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
-def command(model_name, checkpoint, data, batch_size, limit, workers, device, as_json):
-    """Evaluate a Vim model. With no arguments: the shipped reference model on the shipped test subset."""
+def command(path, model_name, checkpoint, data, batch_size, limit, workers, device, as_json):
+    """Evaluate a Vim model or a packed file from `vmq quantize`.
+
+    PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
+    --checkpoint). With no arguments: the shipped reference model on the shipped test subset.
+    """
     from vmq_cli import _console as console
 
     check_device(device)
@@ -27,8 +32,21 @@ def command(model_name, checkpoint, data, batch_size, limit, workers, device, as
     from vmq.data import eval_loader
     from vmq.evaluate import evaluate, param_count
 
+    from vmq.errors import UsageError
+    from vmq.pack.format import is_packed, load_packed
+
     torch.set_grad_enabled(False)
-    model = load_model(model_name, checkpoint)
+    packed_meta = None
+    if path is not None and checkpoint is not None:
+        raise UsageError("give either PATH or --checkpoint, not both")
+    if path is not None and is_packed(path):
+        if model_name is not None:
+            raise UsageError("--model does not apply to a packed file (it names its own model)")
+        model, packed_meta = load_packed(path)
+        checkpoint = path
+    else:
+        checkpoint = checkpoint or path
+        model = load_model(model_name, checkpoint)
     loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
     with console.progress("evaluating", len(loader.dataset)) as update:
         metrics = evaluate(model, loader, device=device, on_batch=update)
@@ -45,6 +63,11 @@ def command(model_name, checkpoint, data, batch_size, limit, workers, device, as
         "checkpoint": checkpoint or "(shipped reference weights)",
         "data": data or "(shipped CIFAR-10 lossless test subset)",
     }
+    if packed_meta is not None:
+        reported = packed_meta.get("results", {})
+        result["packed"] = {"scheme": reported.get("scheme"), "method": reported.get("method"),
+                            "reported_top1": reported.get("quant_top1"), "reported_fp_top1": reported.get("fp_top1"),
+                            "reported_eval_images": reported.get("eval_images")}
     if as_json:
         console.emit_json(result)
     else:
@@ -53,4 +76,6 @@ def command(model_name, checkpoint, data, batch_size, limit, workers, device, as
             ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device})"],
             ["parameters", f"{param_count(model):,}"], ["data", result["data"]],
             ["checkpoint", result["checkpoint"]],
-        ])
+        ] + ([["packed", f"{result['packed']['scheme']} {result['packed']['method']}; quantize reported top-1 "
+                         f"{result['packed']['reported_top1']} % on {result['packed']['reported_eval_images']} images"]]
+             if packed_meta is not None else []))

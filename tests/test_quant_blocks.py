@@ -145,5 +145,7 @@ def test_quantized_linear_refuses_other_token_count():
     q = QuantLinear(torch.nn.Linear(8, 4), 8, 8, "token_static", num_tokens=5)
     q.a_quant.set_range(torch.full((5,), -1.0), torch.ones(5))
     frozen = q.freeze()
-    with pytest.raises(ValueError, match="calibrated for 5 tokens"):
+    from vmq.errors import VmqError
+
+    with pytest.raises(VmqError, match="calibrated for 5 tokens"):
         frozen(torch.randn(2, 6, 8))

@@ -13,7 +13,11 @@ from vmq.errors import VmqError
 
 
 def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting the stored integer weights of quantized layers too."""
+    from vmq.quant.qlinear import QuantizedLinear
+
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 @torch.no_grad()

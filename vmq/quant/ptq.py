@@ -50,7 +50,10 @@ class LayerReport:
     jlss_loss_after: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if math.isinf(d["snr_db"]):  # an exact layer; JSON has no infinity
+            d["snr_db"] = None
+        return d
 
 
 def _matches(name: str, patterns: List[str]) -> bool:
@@ -85,7 +88,7 @@ def snr_db(ref: Tensor, out: Tensor) -> float:
     return 10.0 * math.log10(max(signal, 1e-30) / noise)
 
 
-def _set(module: nn.Module, name: str, child: nn.Module) -> None:
+def set_module(module: nn.Module, name: str, child: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, leaf, child)
 
@@ -201,7 +204,7 @@ def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: Quan
         layers[name] = QuantLinear(lin, scheme.weights.num_bits, acts.num_bits if acts else None,
                                    acts.strategy if acts else "token_static", cfg.num_tokens,
                                    w_strategy=scheme.weights.strategy)
-        _set(block, name, layers[name])
+        set_module(block, name, layers[name])
 
     samples: Dict[str, Tensor] = {}
     if stage.truncates:  # observe what the quantized blocks before feed these layers, this block in float
@@ -225,7 +228,7 @@ def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: Quan
 
     frozen = {name: q.freeze() for name, q in layers.items()}
     for name, f in frozen.items():
-        _set(block, name, f)
+        set_module(block, name, f)
     # output SNR of each layer against its floating-point output, on what the quantized model feeds it
     k = min(SNR_IMAGES, q_io[0].shape[0])
     with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmq.errors import VmqError
 from vmq.ops.linear import int8_linear_ref
 from vmq.ops.quantize import quantize_per_token_ref
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
@@ -141,7 +142,7 @@ class QuantizedLinear(nn.Module):
             scale, zp = range_to_qparams(x.amin(-1), x.amax(-1), self.a_bits)
         else:
             if self.a_strategy == "token_static" and self.input_scale.numel() != tokens:
-                raise ValueError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
+                raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
                                  f"the input has {tokens}")
             scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
         x_q = quantize_per_token_ref(x, scale, zp, self.a_bits)

@@ -1,0 +1,57 @@
+"""``vmq calibrate``: run the floating-point model on calibration images and cache what PTQ needs."""
+
+from __future__ import annotations
+
+import click
+
+from vmq_cli._options import load_model, model_options
+
+
+@click.command("calibrate")
+@model_options
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageNet-layout folder of calibration images; default: the reference model's shipped "
+                   "CIFAR-10 training subset.")
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Stats file to write (.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def command(model_name, checkpoint, data, num_images, batch_size, out, as_json):
+    """Record per-layer input statistics of a Vim for `vmq quantize --stats`.
+
+    For every linear layer inside the blocks: min and max per (token, channel) and the
+    per-channel second moment, computed block by block on the floating-point model. The file
+    is tied to the model (name, configuration and a hash of its weights).
+    """
+    import time
+
+    from vmq_cli import _console as console
+
+    import torch
+
+    from vmq.calib import collect_stats
+    from vmq.data import calibration_images
+    from vmq.fileio import check_output_path
+
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    check_output_path(out)
+    model = load_model(model_name, checkpoint)
+    images, source = calibration_images(model, data, num_images)
+    with console.progress("calibrating blocks", len(model.layers)) as update:
+        stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n))
+    stats.save(out)
+    result = {
+        "model": model.vmq_name,
+        "stats": str(out),
+        "num_images": int(images.shape[0]),
+        "data": source,
+        "layers": len(stats.layers),
+        "tokens": int(model.cfg.num_tokens),
+        "weights_sha256": stats.meta["weights_sha256"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if as_json:
+        console.emit_json(result)
+    else:
+        console.emit_table(f"vmq calibrate: {result['model']}", [[k, v] for k, v in result.items() if k != "model"])

@@ -1,0 +1,166 @@
+"""The packed file: one safetensors file that rebuilds a quantized model on its own.
+
+Tensors (compressed-tensors naming), for each quantized layer ``<layer>``:
+
+==========================  ======================================================================
+``<layer>.weight``          int8 (N, K), 8-bit weights
+``<layer>.weight_packed``   uint8, 2..7-bit weights bit-packed row-major (:mod:`vmq.pack.bits`)
+``<layer>.weight_shape``    int64 (2,), the unpacked shape (N, K)
+``<layer>.weight_scale``    fp32 (N,) per channel or (1,) per tensor
+``<layer>.input_scale``     fp32 (T,) per token position or (1,) per tensor (static activations)
+``<layer>.input_zero_point``  int32, shaped as ``input_scale``
+``<layer>.smooth_scale``    fp32 (K,), only where smoothing was not folded into the previous op
+``<layer>.bias``            fp32 (N,), when the layer has one
+==========================  ======================================================================
+
+Every other tensor of the model is stored under its own name (norm weights already hold folded
+smoothing scales). ``__metadata__["vmq"]`` is a JSON string: ``format``, ``format_version``,
+``vmq_version``, ``model`` (registered name and full config), ``recipe`` (resolved),
+``layers`` (per-layer scheme) and ``results`` (what quantize measured).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from vmq.errors import VmqError
+from vmq.pack.bits import pack_signed, packed_nbytes, unpack_signed
+
+FORMAT = "vmq.packed"
+FORMAT_VERSION = 1
+
+
+def read_metadata(path: Union[str, Path]) -> Optional[dict]:
+    """The vmq metadata of a safetensors file, or None when it is not a vmq packed file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("vmq")
+    except Exception:
+        return None
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def is_packed(path: Union[str, Path]) -> bool:
+    p = Path(path)
+    return p.is_file() and p.suffix == ".safetensors" and read_metadata(p) is not None
+
+
+def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results: Optional[dict] = None) -> None:
+    """Write ``model`` (with :class:`QuantizedLinear` layers) atomically to ``path``."""
+    from safetensors.torch import save_file
+
+    import vmq
+    from vmq.fileio import atomic_path
+    from vmq.quant.qlinear import QuantizedLinear
+
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise VmqError("the model has no quantized layer to pack")
+    tensors: Dict[str, torch.Tensor] = {}
+    prefixes = tuple(f"{n}." for n in quantized)
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefixes):
+            tensors[key] = value.detach().contiguous()
+    layers = {}
+    for name, q in quantized.items():
+        if q.w_bits == 8:
+            tensors[f"{name}.weight"] = q.weight.contiguous()
+        else:
+            tensors[f"{name}.weight_packed"] = pack_signed(q.weight, q.w_bits)
+        tensors[f"{name}.weight_shape"] = torch.tensor(list(q.weight.shape), dtype=torch.int64)
+        for attr in ("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias"):
+            t = getattr(q, attr)
+            if t is not None:
+                tensors[f"{name}.{attr}"] = t.detach().contiguous()
+        layers[name] = {"w_bits": q.w_bits, "w_strategy": q.w_strategy, "a_bits": q.a_bits,
+                        "a_strategy": q.a_strategy}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vmq_version": vmq.__version__,
+        "model": {"name": getattr(model, "vmq_name", None), "config": model.cfg.to_dict()},
+        "recipe": recipe,
+        "layers": layers,
+        "results": results or {},
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"vmq": json.dumps(meta, sort_keys=True)})
+
+
+def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
+    """Rebuild the quantized model from a packed file alone; returns ``(model, metadata)``."""
+    from safetensors import safe_open
+
+    from vmq.models import VimConfig, config_for
+    from vmq.quant.ptq import set_module
+    from vmq.quant.qlinear import QuantizedLinear
+
+    path = Path(path)
+    if not path.is_file():
+        raise VmqError(f"packed file not found: {path}")
+    meta = read_metadata(path)
+    if meta is None:
+        raise VmqError(f"{path} is not a vmq packed file (no vmq metadata); a checkpoint goes to --checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise VmqError(f"{path}: packed format version {meta.get('format_version')} is not supported "
+                       f"(this vmq reads version {FORMAT_VERSION})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise VmqError(f"cannot read {path}: {type(exc).__name__}") from None
+
+    import timm
+
+    name = meta["model"]["name"]
+    stored = VimConfig.from_dict(meta["model"]["config"])
+    base = config_for(name).to_dict()
+    overrides = {k: v for k, v in stored.to_dict().items() if base.get(k) != v}
+    model = timm.create_model(name, pretrained=False, **overrides)
+    model.vmq_name = name
+    for lname, spec in meta["layers"].items():
+        try:
+            shape = tuple(int(v) for v in tensors.pop(f"{lname}.weight_shape").tolist())
+            if spec["w_bits"] == 8:
+                w = tensors.pop(f"{lname}.weight")
+            else:
+                packed = tensors.pop(f"{lname}.weight_packed")
+                numel = shape[0] * shape[1]
+                if packed.numel() != packed_nbytes(numel, spec["w_bits"]):
+                    raise VmqError(f"{path}: {lname}.weight_packed has {packed.numel()} bytes, expected "
+                                   f"{packed_nbytes(numel, spec['w_bits'])}")
+                w = unpack_signed(packed, spec["w_bits"], numel).reshape(shape)
+            q = QuantizedLinear(w, tensors.pop(f"{lname}.weight_scale"), spec["w_bits"], spec["w_strategy"],
+                                spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
+                                tensors.pop(f"{lname}.input_zero_point", None),
+                                tensors.pop(f"{lname}.smooth_scale", None), tensors.pop(f"{lname}.bias", None))
+        except KeyError as exc:
+            raise VmqError(f"{path}: quantized layer {lname} lacks tensor {exc.args[0]}") from None
+        except ValueError as exc:
+            raise VmqError(f"{path}: quantized layer {lname}: {exc}") from None
+        try:
+            set_module(model, lname, q)
+        except AttributeError:
+            raise VmqError(f"{path}: {name} has no layer {lname}") from None
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in meta["layers"]))]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise VmqError(f"{path}: tensors do not fit {name}: {what}")
+    return model.eval(), meta
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_packed", "load_packed", "read_metadata", "is_packed"]
