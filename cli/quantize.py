@@ -49,7 +49,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     from vmq.fileio import atomic_path, check_output_path
     from vmq.ops.scan_train import training_scan
     from vmq.pack.format import save_packed
-    from vmq.quant.ptq import quantize_model
+    from vmq.quant.ptq import quantize_model, resolve_targets
     from vmq.quant.recipe import QuantRecipe, scheme_label
     from vmq.recipe import dump_recipe, load_recipe
 
@@ -63,6 +63,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     out = out or _default_out(model.vmq_name, recipe)
     recipe_out = recipe_path_for(out)
     check_output_path(out)
+    resolve_targets(model, stage)  # a bad target list fails before any work
     if stats_path is not None:  # a wrong stats file fails before any work
         stats = CalibStats.load(stats_path)
         stats.check(model, source=str(stats_path))

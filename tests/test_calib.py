@@ -31,10 +31,11 @@ def test_observer_sees_every_projection_of_both_directions():
     assert set(obs.stats) == set(names)
     st = obs.stats["mixer.in_proj"]
     tokens = model.cfg.num_tokens
-    assert st.count == 4 and st.token_min.shape == (tokens,) and st.channel_absmax.shape == (48,)
+    assert st.count == 4 * tokens and st.min.shape == (tokens, 48) and st.channel_absmax.shape == (48,)
     assert st.sample_tensor().shape == (3, tokens, 48)
-    assert (st.token_max >= st.token_min).all()
+    lo, hi = st.ranges()
+    assert lo.shape == (tokens,) and (hi >= lo).all()
     # hooks are gone after the context
     with torch.no_grad():
         model(x)
-    assert obs.stats["mixer.in_proj"].count == 4
+    assert obs.stats["mixer.in_proj"].count == 4 * tokens

@@ -26,6 +26,11 @@ def load_extension():
     """Compile (once, cached by torch) and import the training scan extension."""
     if not _SRC.is_file():
         raise VmqError(f"training scan source not found at {_SRC}: run from a source checkout of vmq")
+    import logging
+
+    # importing cpp_extension on a CUDA build without a CUDA runtime logs a warning that is
+    # irrelevant here (this extension is CPU-only)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-ffast-math", "-fopenmp"]

@@ -17,6 +17,7 @@ For each block, in order:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -149,11 +150,14 @@ def _fold_smoothing(block: nn.Module, frozen: Dict[str, QuantizedLinear], dt_ran
 
 def quantize_model(model: nn.Module, stage: QuantizationStage, images: Tensor, stats: CalibStats,
                    batch_size: int = 32, seed: int = 0, train_scan: Optional[Callable] = None,
-                   on_block: Optional[Callable[[int, int, str], None]] = None) -> List[LayerReport]:
+                   on_block: Optional[Callable[[int, int, str], None]] = None,
+                   fake_layers: Optional[Dict[str, QuantLinear]] = None) -> List[LayerReport]:
     """Quantize ``model`` in place (its target layers become :class:`QuantizedLinear`); per-layer reports.
 
     ``train_scan`` is a differentiable one-direction scan used while learning and calibrating
-    (the reference loop when None); the model's own scan is restored afterwards.
+    (the reference loop when None); the model's own scan is restored afterwards. When
+    ``fake_layers`` is a dict, it receives a copy of every fake-quant layer as it was frozen
+    (to hold the fake-quant and integer paths together in tests).
     """
     targets = resolve_targets(model, stage)
     missing = [t for t in targets if t not in stats.layers]
@@ -181,7 +185,7 @@ def quantize_model(model: nn.Module, stage: QuantizationStage, images: Tensor, s
             fp_out = run_block(block, fp_io, batch_size)
             if names:
                 reports += _quantize_block(block, prefix, names, stage, stats, q_io, fp_out[0], model.cfg,
-                                           batch_size, seed + i)
+                                           batch_size, seed + i, fake_layers)
             q_io = run_block(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
             if not (torch.isfinite(q_io[0]).all() and torch.isfinite(q_io[1]).all()):
                 raise VmqError(f"quantized block {i} produced NaN or Inf")
@@ -195,7 +199,8 @@ def quantize_model(model: nn.Module, stage: QuantizationStage, images: Tensor, s
 
 
 def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: QuantizationStage, stats: CalibStats,
-                    q_io, target: Tensor, cfg, batch_size: int, seed: int) -> List[LayerReport]:
+                    q_io, target: Tensor, cfg, batch_size: int, seed: int,
+                    fake_layers: Optional[Dict[str, QuantLinear]] = None) -> List[LayerReport]:
     scheme = stage.scheme
     acts = scheme.input_activations
     layers: Dict[str, QuantLinear] = {}
@@ -226,6 +231,8 @@ def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: Quan
     if stage.learns:
         losses = learn_block(block, q_io, target, layers, stage.jlss, seed)
 
+    if fake_layers is not None:
+        fake_layers.update({prefix + name: copy.deepcopy(q) for name, q in layers.items()})
     frozen = {name: q.freeze() for name, q in layers.items()}
     for name, f in frozen.items():
         set_module(block, name, f)

@@ -1,0 +1,93 @@
+"""PTQ results on the reference model: W8A8, W6A6, W4A8 x {RTN, SmoothQuant, PTS, PTQ4VM}.
+
+Runs ``vmq quantize --json`` for each cell (one at a time), keeps each run's JSON in --work (a
+rerun skips finished cells), and writes a markdown table between the PTQ_TABLE markers of the
+README. Every cell's floating-point top-1 is measured in the same run as its quantized top-1.
+
+    python benchmarks/ptq_table.py [--work runs/ptq_table] [--readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
+METHODS = {  # recipe file, shown name
+    "rtn": ("configs/w4a8-rtn.yaml", "RTN"),
+    "smoothquant": ("configs/w4a8-smoothquant.yaml", "SmoothQuant"),
+    "pts": ("configs/w4a8-pts.yaml", "PTS"),
+    "ptq4vm": ("configs/w4a8.yaml", "PTQ4VM"),
+}
+BEGIN, END = "<!-- PTQ_TABLE:BEGIN -->", "<!-- PTQ_TABLE:END -->"
+
+
+def run_cell(scheme: str, method: str, work: Path) -> dict:
+    out_json = work / f"{scheme.lower()}-{method}.json"
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    w, a = SCHEMES[scheme]
+    recipe = ROOT / METHODS[method][0]
+    cmd = [sys.executable, "-m", "vmq_cli.main", "quantize", "--recipe", str(recipe),
+           "--set", f"quantization.scheme.weights.num_bits={w}",
+           "--set", f"quantization.scheme.input_activations.num_bits={a}",
+           "--out", str(work / f"{scheme.lower()}-{method}.safetensors"), "--json"]
+    print(f"[ptq_table] {scheme} {method} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout)
+    out_json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict, fp_bytes: int) -> str:
+    fp_top1 = {r["fp_top1"] for r in results.values()}
+    lines = [
+        f"Reference model `vim_ref_cifar10`, {next(iter(results.values()))['eval_images']} shipped CIFAR-10 test "
+        f"images, 256 calibration images. Floating point: **{min(fp_top1):.2f} %** top-1 "
+        f"(fp32 checkpoint {fp_bytes:,} bytes).",
+        "",
+        "| scheme | method | top-1 % | vs FP | quantize s | command s | packed bytes | vs fp32 file |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scheme in SCHEMES:
+        for method, (_, label) in METHODS.items():
+            r = results.get((scheme, method))
+            if r is None:
+                continue
+            delta = r["quant_top1"] - r["fp_top1"]
+            lines.append(f"| {scheme} | {label} | {r['quant_top1']:.2f} | {delta:+.2f} | {r['quantize_seconds']:.0f} "
+                         f"| {r['total_seconds']:.0f} | {r['file_bytes']:,} | {r['file_bytes'] / fp_bytes:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ptq_table")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for scheme in args.schemes.split(","):
+        for method in args.methods.split(","):
+            results[(scheme, method)] = run_cell(scheme, method, args.work)
+    fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
+    md = table(results, fp_bytes)
+    print(md)
+    text = args.readme.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        args.readme.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+        print(f"[ptq_table] wrote the table into {args.readme}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

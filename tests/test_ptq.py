@@ -1,0 +1,222 @@
+"""PTQ: recipe checks, target resolution, calibration stats, the block-by-block pipeline, packing."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import vmq.models  # noqa: F401
+from vmq.calib import CalibStats, LinearObserver, collect_stats, embed_inputs, run_block
+from vmq.errors import VmqError
+from vmq.pack.format import load_packed, read_metadata, save_packed
+from vmq.quant.ptq import quantize_model, resolve_targets, set_module
+from vmq.quant.qlinear import QuantizedLinear
+from vmq.quant.recipe import QuantRecipe
+from vmq.recipe import parse_recipe
+
+LAYERS = ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"]
+
+
+def recipe(**quant):
+    jlss = quant.pop("jlss", {"iterations": 4, "batch_size": 8})
+    return parse_recipe({"quantization": {"jlss": jlss, "truncation": {"num_images": 8, "grid": 20}, **quant}},
+                        QuantRecipe)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim").eval()
+    model.vmq_name = "test_vim"
+    images = torch.randn(16, 3, 32, 32)
+    return model, images, collect_stats(model, images, batch_size=8)
+
+
+def test_recipe_presets_and_bad_settings():
+    r = recipe(scheme="w4a8")
+    assert (r.quantization.scheme.weights.num_bits, r.quantization.scheme.input_activations.num_bits) == (4, 8)
+    assert recipe(scheme="W4A16", method="rtn").quantization.scheme.input_activations is None
+    bad = [
+        ({"scheme": {"weights": {"num_bits": 0}}}, "num_bits"),
+        ({"scheme": {"weights": {"num_bits": 9}}}, "less than or equal to 8"),
+        ({"scheme": {"input_activations": {"num_bits": 1}}}, "num_bits"),
+        ({"targets": []}, "at least 1 item"),
+        ({"scheme": "W3A5"}, "unknown scheme preset"),
+        ({"method": "gptq"}, "method"),
+        ({"targets": ["re:("]}, "bad regular expression"),
+        ({"method": "pts", "scheme": "W4A16"}, "needs scheme.input_activations"),
+        ({"smoothing": {"alpha": 2}}, "alpha"),
+        ({"jlss": {"iterations": 0}}, "iterations"),
+        ({"w_bits": 4}, "unknown recipe key 'quantization.w_bits'"),
+    ]
+    for quant, msg in bad:
+        with pytest.raises(VmqError, match=msg):
+            parse_recipe({"quantization": quant}, QuantRecipe)
+
+
+def test_targets_and_ignore(tiny):
+    model, _, _ = tiny
+    stage = recipe().quantization
+    names = resolve_targets(model, stage)
+    assert len(names) == len(model.layers) * 6
+    stage = recipe(ignore=["re:\\.x_proj", "layers.0.mixer.out_proj"]).quantization
+    names = resolve_targets(model, stage)
+    assert "layers.0.mixer.out_proj" not in names and not any(".x_proj" in n for n in names)
+    assert "layers.1.mixer.out_proj" in names
+    for targets, msg in ((["layers.9.mixer.in_proj"], "no layer named"), (["head"], "only linear layers inside blocks"),
+                         (["layers.0.norm"], "not a linear layer"), (["re:nothing_here"], "match no linear layer")):
+        with pytest.raises(VmqError, match=msg):
+            resolve_targets(model, recipe(targets=targets).quantization)
+    with pytest.raises(VmqError, match="no layer named"):
+        resolve_targets(model, recipe(ignore=["layers.0.mixer.inproj"]).quantization)
+
+
+def test_stats_ranges_are_exact_after_smoothing(tiny):
+    model, images, stats = tiny
+    io = embed_inputs(model, images)
+    with LinearObserver(model.layers[0], ["mixer.out_proj"], keep_samples=16) as obs:
+        run_block(model.layers[0], io)
+    x = obs.stats["mixer.out_proj"].sample_tensor()
+    st = stats.layers["layers.0.mixer.out_proj"]
+    s = torch.rand(x.shape[-1]) + 0.5
+    lo, hi = st.ranges(s, per_token=True)
+    torch.testing.assert_close(lo, (x / s).amin(dim=(0, 2)))
+    torch.testing.assert_close(hi, (x / s).amax(dim=(0, 2)))
+    lo, hi = st.ranges(None, per_token=False)
+    assert lo.item() == x.min().item() and hi.item() == x.max().item()
+    torch.testing.assert_close(st.channel_absmax, x.abs().amax(dim=(0, 1)))
+    torch.testing.assert_close(st.second_moment, x.pow(2).mean(dim=(0, 1)))
+    assert st.count == 16 * model.cfg.num_tokens
+
+
+def test_stats_file_roundtrip_and_model_check(tiny, tmp_path):
+    model, _, stats = tiny
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = CalibStats.load(path)
+    loaded.check(model)
+    for name, st in stats.layers.items():
+        assert torch.equal(loaded.layers[name].max, st.max) and loaded.layers[name].count == st.count
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.layers[0].mixer.in_proj.weight[0, 0] += 1e-3
+    with pytest.raises(VmqError, match="other weights"):
+        loaded.check(other)
+    other = timm.create_model("test_vim_stride").eval()
+    other.vmq_name = "test_vim_stride"
+    with pytest.raises(VmqError, match="calibrated on model 'test_vim'"):
+        loaded.check(other)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(VmqError, match="cannot read calibration stats"):
+        CalibStats.load(tmp_path / "bad.safetensors")
+
+
+def test_nan_in_calibration_is_refused(tiny):
+    model, images, _ = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.layers[1].mixer.in_proj.weight[3, 3] = float("nan")
+    with pytest.raises(VmqError, match="NaN or Inf"):
+        collect_stats(broken, images, batch_size=8)
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(VmqError, match="NaN or Inf"):
+        collect_stats(model, bad, batch_size=8)
+
+
+@pytest.mark.parametrize("method,scheme", [("rtn", {"weights": {"num_bits": 4, "strategy": "tensor"},
+                                                     "input_activations": {"num_bits": 8, "strategy": "tensor_static"}}),
+                                           ("smoothquant", "W8A8"), ("pts", "W6A6"), ("ptq4vm", "W4A8"),
+                                           ("rtn", "W4A16"),
+                                           ("pts", {"input_activations": {"num_bits": 8, "strategy": "token_dynamic"}})])
+def test_quantize_fake_and_integer_logits_agree(tiny, method, scheme):
+    """The frozen integer model (smoothing folded) matches the fake-quant layers it came from."""
+    model, images, stats = tiny
+    r = recipe(method=method, scheme=scheme)
+    qmodel = copy.deepcopy(model)
+    fake = {}
+    torch.manual_seed(0)
+    with torch.enable_grad():
+        reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8, fake_layers=fake)
+    targets = resolve_targets(model, r.quantization)
+    assert [rep.name for rep in reports] == targets
+    assert all(isinstance(qmodel.get_submodule(n), QuantizedLinear) for n in targets)
+    fake_model = copy.deepcopy(model)
+    for name, layer in fake.items():
+        set_module(fake_model, name, layer.eval())
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        lq, lf, lfp = qmodel(x), fake_model(x), model(x)
+    torch.testing.assert_close(lq, lf, atol=2e-3 * lfp.abs().max().item(), rtol=0)
+    if method != "rtn":  # smoothing of in_proj went into the norm, dt_proj's into x_proj's dt rows
+        assert not torch.equal(qmodel.layers[0].norm.weight, model.layers[0].norm.weight)
+        assert qmodel.get_submodule("layers.0.mixer.in_proj").smooth_scale is None
+        assert qmodel.get_submodule("layers.0.mixer.out_proj").smooth_scale is not None
+        assert {rep.smoothing for rep in reports if rep.name.endswith("dt_proj")} == {"folded into layers.0.mixer.x_proj",
+                                                                                       "folded into layers.1.mixer.x_proj"}
+    assert all(rep.snr_db > 5 for rep in reports)
+
+
+def test_jlss_lowers_the_block_loss(tiny):
+    model, images, stats = tiny
+    qmodel = copy.deepcopy(model)
+    r = recipe(method="ptq4vm", scheme="W4A8", jlss={"iterations": 30, "batch_size": 8, "lr_scale": 1e-3})
+    with torch.enable_grad():
+        reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
+    for rep in reports:
+        assert rep.jlss_loss_after < rep.jlss_loss_before
+
+
+def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):
+    model, images, stats = tiny
+    files = []
+    for i in range(2):
+        qmodel = copy.deepcopy(model)
+        r = recipe(method="ptq4vm", scheme="W4A8")
+        torch.manual_seed(0)
+        with torch.enable_grad():
+            quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
+        path = tmp_path / f"q{i}.safetensors"
+        save_packed(qmodel, path, r.model_dump(mode="json"), {"quant_top1": 1.0})
+        files.append(path)
+    assert files[0].read_bytes() == files[1].read_bytes()  # same inputs, same bytes
+    loaded, meta = load_packed(files[0])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+    assert meta["model"]["name"] == "test_vim" and meta["model"]["config"] == model.cfg.to_dict()
+    assert meta["recipe"]["quantization"]["method"] == "ptq4vm"
+    assert meta["layers"]["layers.0.mixer.in_proj"] == {"w_bits": 4, "w_strategy": "channel", "a_bits": 8,
+                                                        "a_strategy": "token_static"}
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("layers.0.mixer.in_proj.weight_packed")
+    n, k = qmodel.layers[0].mixer.in_proj.weight.shape
+    assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2  # two 4-bit weights per byte
+    assert "layers.0.mixer.in_proj.weight" not in keys and "layers.0.mixer.in_proj.input_scale" in keys
+    assert "layers.0.mixer.out_proj.smooth_scale" in keys and "layers.0.mixer.in_proj.smooth_scale" not in keys
+    assert read_metadata(files[0])["format_version"] == 1
+
+
+def test_packed_8bit_uses_int8_weight_and_bad_files(tiny, tmp_path):
+    model, images, stats = tiny
+    qmodel = copy.deepcopy(model)
+    r = recipe(method="smoothquant", scheme="W8A8")
+    quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
+    path = tmp_path / "w8.safetensors"
+    save_packed(qmodel, path, r.model_dump(mode="json"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    assert tensors["layers.0.mixer.in_proj.weight"].dtype == torch.int8
+    meta = {"vmq": __import__("safetensors").safe_open(str(path), framework="pt").metadata()["vmq"]}
+    del tensors["layers.1.mixer.out_proj.weight_scale"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=meta)
+    with pytest.raises(VmqError, match="lacks tensor layers.1.mixer.out_proj.weight_scale"):
+        load_packed(tmp_path / "broken.safetensors")
+    with pytest.raises(VmqError, match="not a vmq packed file"):
+        save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+        load_packed(tmp_path / "plain.safetensors")
