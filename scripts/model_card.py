@@ -46,7 +46,10 @@ CIFAR-10, 50000 training images and 10000 test images in the official order, sto
 re-encodings of the original pixels (lossy, about 30 dB PSNR), so accuracy is a few points
 below what the same model would reach on the original pixels. 1017 test images (indices
 0..1016) are also available as bit-exact originals; they ship with vmq as its eval subset
-(`cifar10_test_lossless.npz`, uint8) and are what `vmq eval` uses by default.
+(`cifar10_test_lossless.npz`, uint8) and are what `vmq eval` uses by default. For
+quantization, 512 training images ship as bit-exact originals too
+(`cifar10_train_calib.npz`: evenly spaced over the first 1017 images of each of the five
+training batches); they are the reference model's default calibration set.
 
 ## Training recipe
 AdamW (betas 0.9/0.999), lr {m['lr']} with {m['warmup_epochs']} epoch of linear warm-up then cosine decay to 0,
