@@ -31,7 +31,11 @@ def check_device(device: str) -> None:
 
 def load_model(model_name, checkpoint):
     from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model
+    from vmq.pack.format import is_packed
 
+    if checkpoint is not None and is_packed(checkpoint):
+        raise VmqError(f"{checkpoint} is a vmq packed (quantized) file, not a floating-point checkpoint; "
+                       f"evaluate it with `vmq eval {checkpoint}`")
     if model_name is not None:
         config_for(model_name)
         if checkpoint is None and canonical_name(model_name) != REFERENCE_MODEL:

@@ -39,13 +39,12 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     packed_meta = None
     if path is not None and checkpoint is not None:
         raise UsageError("give either PATH or --checkpoint, not both")
-    if path is not None and is_packed(path):
+    checkpoint = checkpoint or path
+    if checkpoint is not None and is_packed(checkpoint):
         if model_name is not None:
             raise UsageError("--model does not apply to a packed file (it names its own model)")
-        model, packed_meta = load_packed(path)
-        checkpoint = path
+        model, packed_meta = load_packed(checkpoint)
     else:
-        checkpoint = checkpoint or path
         model = load_model(model_name, checkpoint)
     loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
     with console.progress("evaluating", len(loader.dataset)) as update:
@@ -76,6 +75,11 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
             ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device})"],
             ["parameters", f"{param_count(model):,}"], ["data", result["data"]],
             ["checkpoint", result["checkpoint"]],
-        ] + ([["packed", f"{result['packed']['scheme']} {result['packed']['method']}; quantize reported top-1 "
-                         f"{result['packed']['reported_top1']} % on {result['packed']['reported_eval_images']} images"]]
-             if packed_meta is not None else []))
+        ] + ([["packed", _packed_line(result["packed"])]] if packed_meta is not None else []))
+
+
+def _packed_line(p: dict) -> str:
+    line = f"{p['scheme']} {p['method']}"
+    if p.get("reported_top1") is not None:
+        line += f"; quantize reported top-1 {p['reported_top1']} % on {p['reported_eval_images']} images"
+    return line

@@ -63,6 +63,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     out = out or _default_out(model.vmq_name, recipe)
     recipe_out = recipe_path_for(out)
     check_output_path(out)
+    check_output_path(recipe_out)
     resolve_targets(model, stage)  # a bad target list fails before any work
     if stats_path is not None:  # a wrong stats file fails before any work
         stats = CalibStats.load(stats_path)
@@ -103,15 +104,16 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
         "eval_data": recipe.eval.data or "(shipped CIFAR-10 lossless test subset)",
         "calibration_images": int(images.shape[0]),
         "calibration_data": source,
-        "quantize_seconds": round(quant_seconds, 2),
+        "stats": None if stats_path is None else {k: stats.meta.get(k) for k in ("data", "num_images", "weights_sha256")},
     }
     resolved = recipe.model_dump(mode="json")
     with atomic_path(recipe_out) as tmp_recipe:
         tmp_recipe.write_text(dump_recipe(recipe), encoding="utf-8")
-        save_packed(model, out, resolved, results)
+        save_packed(model, out, resolved, results)  # no timings in the file: same inputs, same bytes
     from pathlib import Path
 
     results.update({
+        "quantize_seconds": round(quant_seconds, 2),
         "out": str(out),
         "recipe_out": str(recipe_out),
         "file_bytes": Path(out).stat().st_size,

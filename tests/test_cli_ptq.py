@@ -137,3 +137,34 @@ def test_ptq_targets_on_the_reference_model(tmp_path):
     assert results["w8a8"]["quant_top1"] >= fp - 0.3
     assert results["w4a8"]["quant_top1"] >= fp - 2.0
     assert results["w4a8"]["quant_top1"] > results["w4a8-rtn"]["quant_top1"]
+
+
+def test_packed_file_is_known_by_its_metadata(packed, tmp_path):
+    out, result = packed
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(out.read_bytes())
+    proc = run_vmq("eval", "--checkpoint", renamed, "--limit", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["top1"] == result["quant_top1"]
+    line = one_error_line(run_vmq("quantize", "--set", f"model.checkpoint={renamed}", "--out", tmp_path / "q.safetensors"))
+    assert "packed (quantized) file" in line
+
+
+def test_calibration_never_reads_an_eval_split(tmp_path):
+    from PIL import Image
+
+    import numpy as np
+
+    for split in ("val",):
+        d = tmp_path / "root" / split / "cat"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32, 3), i * 40, dtype=np.uint8)).save(d / f"{i}.png")
+    line = one_error_line(run_vmq("calibrate", "--data", tmp_path / "root", "--num-images", "4",
+                                  "--out", tmp_path / "s.safetensors"))
+    assert "no training split" in line
+    (tmp_path / "root" / "val").rename(tmp_path / "root" / "train")
+    proc = run_vmq("calibrate", "--data", tmp_path / "root", "--num-images", "4", "--out", tmp_path / "s.safetensors",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["data"].endswith("train")

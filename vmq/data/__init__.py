@@ -69,16 +69,30 @@ def _image_extensions() -> Tuple[str, ...]:
     return tuple(get_img_extensions())
 
 
-def _check_folder(root: Path) -> Tuple[Path, List[str]]:
-    """The folder whose subfolders are the classes (``root`` or its val/validation/test split), and them."""
+EVAL_SPLITS = ("val", "validation", "test")
+TRAIN_SPLITS = ("train", "training")
+
+
+def _check_folder(root: Path, splits: Sequence[str] = EVAL_SPLITS) -> Tuple[Path, List[str]]:
+    """The folder whose subfolders are the classes (``root`` or its split named in ``splits``), and them.
+
+    A root holding splits of the other kind only (e.g. ``val/`` when a training split is
+    wanted) is refused, so calibration never silently reads evaluation images.
+    """
     if not root.exists():
         raise VmqError(f"data folder not found: {root}")
     if not root.is_dir():
         raise VmqError(f"data path is not a folder: {root}")
-    for split in ("val", "validation", "test"):
+    for split in splits:
         if (root / split).is_dir():
             root = root / split
             break
+    else:
+        others = [s for s in EVAL_SPLITS + TRAIN_SPLITS if s not in splits and (root / s).is_dir()]
+        if others:
+            want = "training" if splits == TRAIN_SPLITS else "evaluation"
+            raise VmqError(f"{root} has a {others[0]}/ split but no {want} split ({'/, '.join(splits)}/); "
+                           f"point at the {want} images")
     exts = _image_extensions()
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
@@ -101,10 +115,10 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None,
-                 label_names: Optional[Sequence[str]] = None):
+                 label_names: Optional[Sequence[str]] = None, splits: Sequence[str] = EVAL_SPLITS):
         from timm.data import create_dataset
 
-        root, classes = _check_folder(Path(root))
+        root, classes = _check_folder(Path(root), splits)
         if label_names is not None:
             index = {name: i for i, name in enumerate(label_names)}
             unknown = [c for c in classes if c not in index]
@@ -198,8 +212,9 @@ def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num
             raise VmqError(f"calibration needs a data folder (calibration.data / --data): vmq ships "
                            f"calibration images only for {REFERENCE_MODEL}")
         ds, source = shipped_calibration_set(transform), "(shipped CIFAR-10 training subset)"
-    else:
-        ds, source = folder_dataset(data, transform, model_label_names(model)), str(data)
+    else:  # labels are not used: any class folder names will do
+        ds = FolderDataset(data, transform, None, splits=TRAIN_SPLITS)
+        source = str(ds.root)
     if len(ds) < num_images:
         raise VmqError(f"calibration asks for {num_images} images but {source} holds only {len(ds)}")
     images = torch.stack([ds[i][0] for i in _evenly_spaced(len(ds), num_images)])

@@ -54,8 +54,9 @@ def read_metadata(path: Union[str, Path]) -> Optional[dict]:
 
 
 def is_packed(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a vmq packed file (by its metadata, whatever its suffix)."""
     p = Path(path)
-    return p.is_file() and p.suffix == ".safetensors" and read_metadata(p) is not None
+    return p.is_file() and read_metadata(p) is not None
 
 
 def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results: Optional[dict] = None) -> None:
@@ -66,9 +67,13 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
     from vmq.fileio import atomic_path
     from vmq.quant.qlinear import QuantizedLinear
 
+    from vmq.models import model_names
+
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:
         raise VmqError("the model has no quantized layer to pack")
+    if getattr(model, "vmq_name", None) not in model_names():
+        raise VmqError("the model has no registered name (model.vmq_name); a packed file must name its model")
     tensors: Dict[str, torch.Tensor] = {}
     prefixes = tuple(f"{n}." for n in quantized)
     for key, value in model.state_dict().items():
@@ -125,13 +130,23 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
 
     import timm
 
-    name = meta["model"]["name"]
-    stored = VimConfig.from_dict(meta["model"]["config"])
-    base = config_for(name).to_dict()
-    overrides = {k: v for k, v in stored.to_dict().items() if base.get(k) != v}
-    model = timm.create_model(name, pretrained=False, **overrides)
+    try:
+        name = meta["model"]["name"]
+        stored = VimConfig.from_dict(meta["model"]["config"])
+        base = config_for(name).to_dict()
+        overrides = {k: v for k, v in stored.to_dict().items() if base.get(k) != v}
+        model = timm.create_model(name, pretrained=False, **overrides)
+        layer_specs = dict(meta["layers"])
+    except VmqError as exc:
+        raise VmqError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise VmqError(f"{path}: broken vmq metadata ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     model.vmq_name = name
-    for lname, spec in meta["layers"].items():
+    modules = dict(model.named_modules())
+    for lname, spec in layer_specs.items():
+        target = modules.get(lname)
+        if not isinstance(target, nn.Linear):
+            raise VmqError(f"{path}: {name} has no linear layer {lname}")
         try:
             shape = tuple(int(v) for v in tensors.pop(f"{lname}.weight_shape").tolist())
             if spec["w_bits"] == 8:
@@ -143,20 +158,23 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
                     raise VmqError(f"{path}: {lname}.weight_packed has {packed.numel()} bytes, expected "
                                    f"{packed_nbytes(numel, spec['w_bits'])}")
                 w = unpack_signed(packed, spec["w_bits"], numel).reshape(shape)
+            if shape != (target.out_features, target.in_features):
+                raise VmqError(f"{path}: {lname} is {shape} in the file but {name} has "
+                               f"{(target.out_features, target.in_features)}")
             q = QuantizedLinear(w, tensors.pop(f"{lname}.weight_scale"), spec["w_bits"], spec["w_strategy"],
                                 spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
                                 tensors.pop(f"{lname}.input_zero_point", None),
                                 tensors.pop(f"{lname}.smooth_scale", None), tensors.pop(f"{lname}.bias", None))
         except KeyError as exc:
             raise VmqError(f"{path}: quantized layer {lname} lacks tensor {exc.args[0]}") from None
-        except ValueError as exc:
-            raise VmqError(f"{path}: quantized layer {lname}: {exc}") from None
-        try:
-            set_module(model, lname, q)
-        except AttributeError:
-            raise VmqError(f"{path}: {name} has no layer {lname}") from None
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in meta["layers"]))]
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise VmqError(f"{path}: quantized layer {lname}: {exc}".splitlines()[0]) from None
+        set_module(model, lname, q)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise VmqError(f"{path}: tensors do not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in layer_specs))]
     if missing or result.unexpected_keys:
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise VmqError(f"{path}: tensors do not fit {name}: {what}")

@@ -40,11 +40,6 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
         if q.smoothing:
             smooths.append(q.log_smooth)
     params = scales + smooths
-    saved = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     groups = [{"params": scales, "lr": cfg.lr_scale}]
     if smooths:
         groups.append({"params": smooths, "lr": cfg.lr_smooth})
@@ -61,6 +56,18 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
             return total / n
 
     before = full_loss()
+    with torch.enable_grad():
+        _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg)
+    return before, full_loss()
+
+
+def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg) -> None:
+    n = hidden.shape[0]
+    saved = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     for q in layers.values():  # LSQ gradient scaling is active in training mode; the rest stays in eval
         q.train()
     order = torch.randperm(n, generator=gen)
@@ -88,4 +95,3 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
             p.requires_grad_(flag)
         for p in params:
             p.requires_grad_(False)
-    return before, full_loss()

@@ -136,6 +136,8 @@ def _fold_smoothing(block: nn.Module, frozen: Dict[str, QuantizedLinear], dt_ran
         if q is None or q.smooth_scale is None or up is None:
             continue
         s = q.smooth_scale
+        if getattr(up, "bias", None) is not None:
+            continue  # the bias rows would need the scale too; keep it explicit
         if isinstance(up, QuantizedLinear) and up.w_strategy == "channel":
             # the dt rows' per-channel step sizes absorb 1/s; the stored integers do not change
             up.weight_scale[:dt_rank] /= s
@@ -170,6 +172,7 @@ def quantize_model(model: nn.Module, stage: QuantizationStage, images: Tensor, s
             raise VmqError(f"per-token static activations were calibrated on {tokens} tokens but the model "
                            f"reads {model.cfg.num_tokens}; calibrate at the model's input size")
     torch.manual_seed(seed)
+    model.eval()  # no drop-path while calibrating
     mixers = [b.mixer for b in model.layers]
     saved_scans = [m.scan_fn for m in mixers]
     if train_scan is not None:

@@ -112,6 +112,14 @@ class QuantizedLinear(nn.Module):
         if weight_int.dtype != torch.int8 or weight_int.dim() != 2:
             raise ValueError(f"weight_int must be a 2-D int8 tensor, got {weight_int.dtype} {tuple(weight_int.shape)}")
         self.out_features, self.in_features = weight_int.shape
+        if w_strategy not in ("channel", "tensor"):
+            raise ValueError(f"unknown weight strategy {w_strategy!r}")
+        if a_strategy not in (None, "token_static", "tensor_static", "token_dynamic"):
+            raise ValueError(f"unknown activation strategy {a_strategy!r}")
+        if a_bits is not None and not 2 <= a_bits <= 8:
+            raise ValueError(f"activation bits must be 2..8, got {a_bits}")
+        if not 2 <= w_bits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {w_bits}")
         expected = (self.out_features,) if w_strategy == "channel" else (1,)
         if tuple(weight_scale.shape) != expected:
             raise ValueError(f"per-{w_strategy} weight_scale must be {expected}, got {tuple(weight_scale.shape)}")
@@ -120,6 +128,13 @@ class QuantizedLinear(nn.Module):
         static = a_strategy in ("token_static", "tensor_static")
         if static and (input_scale is None or input_zero_point is None):
             raise ValueError(f"{a_strategy} activations need input_scale and input_zero_point")
+        if static and (input_scale.dim() != 1 or input_zero_point.shape != input_scale.shape
+                       or (a_strategy == "tensor_static" and input_scale.numel() != 1)):
+            raise ValueError(f"bad input_scale / input_zero_point shapes {tuple(input_scale.shape)} / "
+                             f"{tuple(input_zero_point.shape)} for {a_strategy}")
+        for what, t, n in (("smooth_scale", smooth_scale, self.in_features), ("bias", bias, self.out_features)):
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"{what} must be ({n},), got {tuple(t.shape)}")
         self.w_bits, self.w_strategy, self.a_bits, self.a_strategy = w_bits, w_strategy, a_bits, a_strategy
         self.register_buffer("weight", weight_int)
         self.register_buffer("weight_scale", weight_scale.float())

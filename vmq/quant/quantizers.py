@@ -124,7 +124,8 @@ class ActQuantizer(nn.Module):
             return fake_quant(x, scale, zp, 0, self.qmax)
         if self.granularity == "token_static" and x.shape[-2] != self.num_tokens:
             raise ValueError(f"per-token static quantizer calibrated for {self.num_tokens} tokens got {x.shape[-2]}")
-        s = grad_scale(self.scale, 1.0 / math.sqrt(x[..., 0, :].numel() * self.qmax)) if self.training else self.scale
+        per_step = x[..., 0, :].numel() if self.granularity == "token_static" else x.numel()
+        s = grad_scale(self.scale, 1.0 / math.sqrt(per_step * self.qmax)) if self.training else self.scale
         return fake_quant(x, s, self.zero_point, 0, self.qmax)
 
 
