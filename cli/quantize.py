@@ -45,7 +45,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
 
     from vmq.calib import CalibStats, collect_stats
     from vmq.data import calibration_images, eval_loader
-    from vmq.evaluate import evaluate
+    from vmq.evaluate import agreement, evaluate
     from vmq.fileio import atomic_path, check_output_path
     from vmq.ops.scan_train import training_scan
     from vmq.pack.format import save_packed
@@ -78,7 +78,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     def run_eval(what: str):
         loader, _, _ = eval_loader(model, recipe.eval.data, recipe.eval.batch_size, recipe.eval.limit)
         with console.progress(f"evaluating {what}", len(loader.dataset)) as update:
-            return evaluate(model, loader, on_batch=update)
+            return evaluate(model, loader, on_batch=update, keep_logits=True)
 
     fp = None if no_eval else run_eval("floating point")
     scan = training_scan() if stage.learns or stage.truncates else None
@@ -101,6 +101,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
         "fp_top5": None if fp is None else fp["top5"],
         "quant_top5": None if q is None else q["top5"],
         "eval_images": None if q is None else q["num_images"],
+        **({"top1_agreement": None, "logit_snr_db": None} if q is None else agreement(fp["logits"], q["logits"])),
         "eval_data": recipe.eval.data or "(shipped CIFAR-10 lossless test subset)",
         "calibration_images": int(images.shape[0]),
         "calibration_data": source,
@@ -136,7 +137,8 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     rows = []
     if fp is not None:
         rows += [["top-1 floating point", f"{fp['top1']:.2f} %"], ["top-1 quantized", f"{q['top1']:.2f} %"],
-                 ["eval images", q["num_images"]]]
+                 ["top-1 agreement with FP", f"{results['top1_agreement']:.2f} %"],
+                 ["logit SNR vs FP", f"{results['logit_snr_db']} dB"], ["eval images", q["num_images"]]]
     rows += [["quantize time", f"{quant_seconds:.1f} s (total {results['total_seconds']:.1f} s)"],
              ["packed file", f"{out} ({results['file_bytes']:,} bytes)"], ["recipe", str(recipe_out)]]
     console.emit_table("", rows)

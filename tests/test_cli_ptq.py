@@ -168,3 +168,14 @@ def test_calibration_never_reads_an_eval_split(tmp_path):
                    "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["data"].endswith("train")
+
+
+def test_same_inputs_same_bytes(stats, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.safetensors"
+        proc = run_vmq("quantize", "--recipe", ROOT / "configs" / "w6a6.yaml", *FAST, "--stats", stats, "--no-eval",
+                       "--out", out)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vmq.errors import VmqError
@@ -22,22 +23,28 @@ def param_count(model: nn.Module) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
-             on_batch: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+             on_batch: Optional[Callable[[int, int], None]] = None,
+             keep_logits: bool = False) -> Dict[str, float]:
     """Run ``model`` over ``loader``; returns top-1/top-5 (percent), image count and images/s.
 
-    ``on_batch(done, total)`` is called after every batch (for a progress bar).
+    ``on_batch(done, total)`` is called after every batch (for a progress bar). With
+    ``keep_logits`` the result also holds ``"logits"`` (N, classes) on the CPU, for
+    :func:`agreement`.
     """
     model.eval().to(device)
     total = len(loader.dataset)
     if total == 0:
         raise VmqError("the evaluation set is empty")
     n = top1 = top5 = 0
+    kept = []
     start = time.perf_counter()
     for images, target in loader:
         images, target = images.to(device), target.to(device)
         logits = model(images)
         if not torch.isfinite(logits).all():
             raise VmqError("the model produced NaN or Inf logits")
+        if keep_logits:
+            kept.append(logits.float().cpu())
         k = min(5, logits.shape[-1])
         pred = logits.topk(k, dim=-1).indices
         hit = pred == target[:, None]
@@ -49,7 +56,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    extra = {"logits": torch.cat(kept)} if keep_logits else {}
     return {
+        **extra,
         "top1": round(100.0 * top1 / n, 3),
         "top1_err": round(100.0 - 100.0 * top1 / n, 3),
         "top5": round(100.0 * top5 / n, 3),
@@ -58,3 +67,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
         "images_per_sec": round(n / elapsed, 2),
         "eval_seconds": round(elapsed, 3),
     }
+
+
+def agreement(reference_logits: Tensor, logits: Tensor) -> Dict[str, float]:
+    """How closely ``logits`` follow ``reference_logits`` (same images, same order).
+
+    ``top1_agreement``: percent of images with the same top-1 class; ``logit_snr_db``:
+    10 log10(|ref|^2 / |ref - logits|^2) over all logits. Both are far less noisy than the
+    difference of two top-1 accuracies on the same small set.
+    """
+    if reference_logits.shape != logits.shape:
+        raise ValueError(f"logits of different shapes: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
+    same = (reference_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+    noise = (reference_logits.double() - logits.double()).pow(2).sum().item()
+    signal = reference_logits.double().pow(2).sum().item()
+    snr = float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
+    return {"top1_agreement": round(100.0 * same, 3), "logit_snr_db": round(snr, 3) if snr != float("inf") else None}

@@ -24,6 +24,18 @@ def cosine_loss(out: Tensor, target: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
 
 
+def relative_mse(out: Tensor, target: Tensor) -> Tensor:
+    """|out - target|^2 / |target|^2 per token, averaged (unlike the cosine, it sees magnitude)."""
+    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)).mean()
+
+
+LOSSES = {
+    "cosine": cosine_loss,
+    "mse": relative_mse,
+    "cosine+mse": lambda out, target: cosine_loss(out, target) + relative_mse(out, target),
+}
+
+
 def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
                 layers: Dict[str, QuantLinear], cfg: JLSS, seed: int = 0) -> Tuple[float, float]:
     """Optimise the quantization parameters of ``layers`` (inside ``block``) in place.
@@ -45,6 +57,7 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
         groups.append({"params": smooths, "lr": cfg.lr_smooth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    loss_fn = LOSSES[cfg.loss]
 
     def full_loss() -> float:
         with torch.no_grad():
@@ -52,16 +65,16 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
             for i in range(0, n, cfg.batch_size):
                 r = None if residual is None else residual[i:i + cfg.batch_size]
                 out, _ = block(hidden[i:i + cfg.batch_size], r)
-                total += cosine_loss(out, target[i:i + cfg.batch_size]).item() * out.shape[0]
+                total += loss_fn(out, target[i:i + cfg.batch_size]).item() * out.shape[0]
             return total / n
 
     before = full_loss()
     with torch.enable_grad():
-        _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg)
+        _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg, loss_fn)
     return before, full_loss()
 
 
-def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg) -> None:
+def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg, loss_fn) -> None:
     n = hidden.shape[0]
     saved = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
@@ -79,7 +92,7 @@ def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen,
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
             out, _ = block(hidden[idx], None if residual is None else residual[idx])
-            loss = cosine_loss(out, target[idx])
+            loss = loss_fn(out, target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

@@ -187,7 +187,10 @@ def quantize_model(model: nn.Module, stage: QuantizationStage, images: Tensor, s
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
             fp_out = run_block(block, fp_io, batch_size)
             if names:
-                reports += _quantize_block(block, prefix, names, stage, stats, q_io, fp_out[0], model.cfg,
+                target = fp_out[0]
+                if stage.learns and stage.jlss.target == "quant_input" and q_io is not fp_io:
+                    target = run_block(block, q_io, batch_size)[0]
+                reports += _quantize_block(block, prefix, names, stage, stats, q_io, target, model.cfg,
                                            batch_size, seed + i, fake_layers)
             q_io = run_block(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
             if not (torch.isfinite(q_io[0]).all() and torch.isfinite(q_io[1]).all()):

@@ -77,6 +77,11 @@ class JLSS(StrictModel):
     lr_smooth: float = Field(1e-2, gt=0.0, description="learning rate of the (log) smoothing scales")
     weight_decay: float = Field(1e-5, ge=0.0)
     grad_clip: Optional[float] = Field(2.0, gt=0.0)
+    target: Literal["fp_input", "quant_input"] = Field(
+        "fp_input", description="the floating-point block fed floating-point inputs (PTQ4VM: learn to compensate "
+                                "earlier blocks' error) or the quantized model's inputs (match this block only)")
+    loss: Literal["cosine", "mse", "cosine+mse"] = Field(
+        "mse", description="block-output loss: 1 - cosine per token (PTQ4VM), relative MSE, or their sum")
 
 
 class QuantizationStage(StrictModel):
