@@ -48,6 +48,8 @@ def test_recipe_presets_and_bad_settings():
         ({"method": "pts", "scheme": "W4A16"}, "needs scheme.input_activations"),
         ({"smoothing": {"alpha": 2}}, "alpha"),
         ({"jlss": {"iterations": 0}}, "iterations"),
+        ({"jlss": {"loss": "l1"}}, "loss"),
+        ({"jlss": {"target": "teacher"}}, "target"),
         ({"w_bits": 4}, "unknown recipe key 'quantization.w_bits'"),
     ]
     for quant, msg in bad:
@@ -155,14 +157,17 @@ def test_quantize_fake_and_integer_logits_agree(tiny, method, scheme):
         assert qmodel.get_submodule("layers.0.mixer.out_proj").smooth_scale is not None
         assert {rep.smoothing for rep in reports if rep.name.endswith("dt_proj")} == {"folded into layers.0.mixer.x_proj",
                                                                                        "folded into layers.1.mixer.x_proj"}
-    assert all(rep.snr_db > 5 for rep in reports)
+    # JLSS trades single-layer fidelity for the block output, so only the other methods get a floor
+    assert all(rep.snr_db > (0 if method == "ptq4vm" else 5) for rep in reports)
 
 
-def test_jlss_lowers_the_block_loss(tiny):
+@pytest.mark.parametrize("loss,target", [("cosine", "fp_input"), ("mse", "fp_input"), ("cosine+mse", "quant_input")])
+def test_jlss_lowers_the_block_loss(tiny, loss, target):
     model, images, stats = tiny
     qmodel = copy.deepcopy(model)
-    r = recipe(method="ptq4vm", scheme="W4A8", jlss={"iterations": 30, "batch_size": 8, "lr_scale": 1e-3})
-    with torch.enable_grad():
+    r = recipe(method="ptq4vm", scheme="W4A8",
+               jlss={"iterations": 30, "batch_size": 8, "lr_scale": 1e-3, "loss": loss, "target": target})
+    with torch.no_grad():  # JLSS turns gradients on for itself
         reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
     for rep in reports:
         assert rep.jlss_loss_after < rep.jlss_loss_before
