@@ -6,7 +6,7 @@ shipped eval subset, top-1 agreement with the floating-point model and the logit
 it (see ``vmq.evaluate.agreement``). Evaluation uses the fused CPU scan for speed, the same for
 every row (and the floating-point baseline), so rows compare with each other.
 
-    python benchmarks/jlss_ablation.py [--schemes W4A8,W6A6]
+    python benchmarks/jlss_ablation.py [--schemes W4A8,W6A6] [--variants pts,cosine-fp,mse-fp]
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import time
 import torch
 
 VARIANTS = {  # name: --set overrides beyond the scheme
-    "pts (no JLSS)": ["quantization.method=pts"],
-    "jlss cosine, fp_input (paper)": ["quantization.jlss.loss=cosine"],
-    "jlss cosine, lr / 5": ["quantization.jlss.loss=cosine", "quantization.jlss.lr_scale=2e-4",
-                            "quantization.jlss.lr_smooth=2e-3"],
-    "jlss mse, fp_input (vmq default)": ["quantization.jlss.loss=mse"],
-    "jlss cosine+mse": ["quantization.jlss.loss=cosine+mse"],
-    "jlss cosine, quant_input": ["quantization.jlss.loss=cosine", "quantization.jlss.target=quant_input"],
-    "jlss mse, quant_input": ["quantization.jlss.loss=mse", "quantization.jlss.target=quant_input"],
+    "pts": ["quantization.method=pts"],  # no JLSS
+    "cosine-fp": ["quantization.jlss.loss=cosine"],  # the paper's loss and target
+    "cosine-fp-lr5": ["quantization.jlss.loss=cosine", "quantization.jlss.lr_scale=2e-4",
+                      "quantization.jlss.lr_smooth=2e-3"],
+    "mse-fp": ["quantization.jlss.loss=mse"],  # vmq's default
+    "cosmse-fp": ["quantization.jlss.loss=cosine+mse"],
+    "cosine-qin": ["quantization.jlss.loss=cosine", "quantization.jlss.target=quant_input"],
+    "mse-qin": ["quantization.jlss.loss=mse", "quantization.jlss.target=quant_input"],
 }
 
 
