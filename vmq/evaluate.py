@@ -69,6 +69,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
     }
 
 
+def snr_db(ref: Tensor, out: Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - out|^2) in float64; infinity when the two are equal."""
+    noise = (ref.double() - out.double()).pow(2).sum().item()
+    signal = ref.double().pow(2).sum().item()
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
 def agreement(reference_logits: Tensor, logits: Tensor) -> Dict[str, float]:
     """How closely ``logits`` follow ``reference_logits`` (same images, same order).
 
@@ -79,7 +88,5 @@ def agreement(reference_logits: Tensor, logits: Tensor) -> Dict[str, float]:
     if reference_logits.shape != logits.shape:
         raise ValueError(f"logits of different shapes: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
     same = (reference_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
-    noise = (reference_logits.double() - logits.double()).pow(2).sum().item()
-    signal = reference_logits.double().pow(2).sum().item()
-    snr = float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
+    snr = snr_db(reference_logits, logits)
     return {"top1_agreement": round(100.0 * same, 3), "logit_snr_db": round(snr, 3) if snr != float("inf") else None}

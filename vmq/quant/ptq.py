@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from vmq.calib import CalibStats, LinearObserver, embed_inputs, run_block
 from vmq.errors import VmqError
+from vmq.evaluate import snr_db
 from vmq.quant.jlss import learn_block
 from vmq.quant.qlinear import QuantizedLinear, QuantLinear
 from vmq.quant.quantizers import weight_qmax
@@ -79,14 +80,6 @@ def resolve_targets(model: nn.Module, stage: QuantizationStage) -> List[str]:
     if not names:
         raise VmqError("quantization.targets match no linear layer of the model (after ignore)")
     return names
-
-
-def snr_db(ref: Tensor, out: Tensor) -> float:
-    noise = (ref - out).double().pow(2).sum().item()
-    signal = ref.double().pow(2).sum().item()
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
 
 
 def set_module(module: nn.Module, name: str, child: nn.Module) -> None:
