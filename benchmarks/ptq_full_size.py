@@ -62,10 +62,10 @@ def main() -> None:
     cmd = [sys.executable, "-m", "vmq_cli.main", "quantize", "--recipe", str(args.recipe), "--out", str(out),
            "--no-eval", "--json"] + [a for s in sets for a in ("--set", s)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # progress lines pass through stderr
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"quantize failed:\n{proc.stderr}")
+        raise SystemExit(f"quantize failed with exit code {proc.returncode}")
     result = json.loads(proc.stdout)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
     summary = {

@@ -29,13 +29,33 @@ def emit_table(title: str, rows: Sequence[Sequence[str]], headers: Sequence[str]
 
 
 @contextmanager
-def progress(description: str, total: Optional[int]) -> Iterator:
-    """A transient rich progress bar on stderr; yields ``update(done, total)``."""
+def progress(description: str, total: Optional[int], every_s: float = 10.0) -> Iterator:
+    """Progress on stderr; yields ``update(done, total)``.
+
+    On a terminal: a transient rich progress bar. Otherwise (logs, CI, pipes): a plain line
+    ``description: done/total (elapsed s)`` at most every ``every_s`` seconds, so short runs
+    print nothing and long ones show that they advance.
+    """
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    enabled = err.is_terminal
+    if not err.is_terminal:
+        start = last = time.monotonic()
+
+        def log(done: int, total_: Optional[int] = None) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= every_s:
+                last = now
+                of = f"/{total_ or total}" if (total_ or total) else ""
+                sys.stderr.write(f"{description}: {done}{of} ({now - start:.0f} s)\n")
+                sys.stderr.flush()
+
+        yield log
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not enabled) as bar:
+                  console=err, transient=True) as bar:
         task = bar.add_task(description, total=total)
 
         def update(done: int, total_: Optional[int] = None) -> None:

@@ -91,3 +91,17 @@ def test_usage_errors_exit_2():
 def test_debug_shows_traceback(tmp_path):
     r = run_vmq("eval", "--checkpoint", tmp_path / "missing.pth", env={"VMQ_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys):
+    from vmq_cli import _console
+
+    with _console.progress("quantizing blocks", 3, every_s=0.0) as update:
+        for i in range(1, 4):
+            update(i)
+    with _console.progress("quick", 3) as update:  # under every_s: nothing
+        update(3)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [f"quantizing blocks: {i}/3" for i in range(1, 4)]

@@ -149,3 +149,12 @@ def test_quantized_linear_refuses_other_token_count():
 
     with pytest.raises(VmqError, match="calibrated for 5 tokens"):
         frozen(torch.randn(2, 6, 8))
+
+
+def test_activation_range_search_chunking_does_not_change_the_result():
+    torch.manual_seed(1)
+    x = torch.randn(6, 9, 20) * torch.rand(9, 1) * 3 + 0.5
+    whole = activation_range_search(x, 6, chunk_values=1 << 20)
+    for chunk in (1, 100, 250):
+        lo, hi = activation_range_search(x, 6, chunk_values=chunk)
+        assert torch.equal(lo, whole[0]) and torch.equal(hi, whole[1])
