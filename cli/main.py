@@ -19,6 +19,7 @@ COMMANDS = {
     "calibrate": ("vmq_cli.calibrate", "Record calibration statistics of a Vim for quantize."),
     "eval": ("vmq_cli.eval", "Evaluate a Vim model or a packed file (top-1, top-5, images/s)."),
     "quantize": ("vmq_cli.quantize", "Post-training quantization (PTQ4VM, baselines) to a packed file."),
+    "vq": ("vmq_cli.vq", "Weight vector quantization (ViM-VQ, k-means baseline) to a packed file."),
     "env": ("vmq_cli.env", "Show versions, CPU features, CUDA and kernel availability."),
 }
 

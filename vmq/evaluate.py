@@ -14,11 +14,13 @@ from vmq.errors import VmqError
 
 
 def param_count(model: nn.Module) -> int:
-    """Parameters, counting the stored integer weights of quantized layers too."""
+    """Parameters, counting the weights that quantized and vector-quantized layers store too."""
     from vmq.quant.qlinear import QuantizedLinear
+    from vmq.vq.qlinear import VQLinear
 
     n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    n += sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    return n + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, VQLinear))
 
 
 @torch.no_grad()

@@ -5,6 +5,13 @@ int8 per output channel with a scale:
 
     acc[t, n] = sum_k (x_q[t, k] - zp[t]) * w_q[n, k]              exact integer (int32 range)
     y[t, n]   = acc[t, n] * (x_scale[t] * w_scale[n]) + bias[n]     fp32, in this order
+
+``vq_linear_ref``: vector-quantized weights. Row ``n`` of the weight is the concatenation of the
+codewords ``codebook[n // rows_per_group, codes[n, j]]`` (fp16, d values each), cut to the input
+width and multiplied by the row's fp16 scale when there is one; the product runs in fp32:
+
+    w[n, j*d + i] = float(codebook[g(n), codes[n, j], i]) * float(scale[n])
+    y[t, n]       = sum_k x[t, k] * w[n, k] + bias[n]
 """
 
 from __future__ import annotations
@@ -34,6 +41,41 @@ def int8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Ten
     """Quantized linear with the fused-scale epilogue; returns fp32 (..., T, N). ``w_scale`` is (N,)."""
     acc = int8_matmul_ref(x_q, x_zero_point, w_q)
     y = acc.float() * (per_token(x_scale, x_q).float() * w_scale.float().reshape(-1))
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def vq_dequantize_ref(codes: Tensor, codebook: Tensor, in_features: int, rows_per_group: Optional[int] = None,
+                      scale: Optional[Tensor] = None) -> Tensor:
+    """The fp32 weight (N, in_features) of VQ ``codes`` (N, cols) into ``codebook`` (G, K, d).
+
+    Row ``n`` uses codebook ``n // rows_per_group`` (``rows_per_group`` None: one codebook).
+    """
+    if codes.dim() != 2 or codebook.dim() != 3:
+        raise ValueError(f"expected codes (N, cols) and codebook (G, K, d), got {tuple(codes.shape)} and "
+                         f"{tuple(codebook.shape)}")
+    n, cols = codes.shape
+    groups, k, d = codebook.shape
+    if cols * d < in_features or (cols - 1) * d >= in_features:
+        raise ValueError(f"{cols} codes of dim {d} per row do not cover {in_features} inputs")
+    rows_per_group = rows_per_group or n
+    if -(-n // rows_per_group) != groups:
+        raise ValueError(f"{n} rows in groups of {rows_per_group} need {-(-n // rows_per_group)} codebooks, "
+                         f"got {groups}")
+    g = (torch.arange(n, device=codes.device) // rows_per_group)[:, None]
+    flat = codebook.reshape(groups * k, d)
+    w = flat[(g * k + codes.long()).reshape(-1)].float().reshape(n, cols * d)[:, :in_features]
+    if scale is not None:
+        w = w * scale.float().reshape(-1, 1)
+    return w
+
+
+def vq_linear_ref(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Optional[int] = None,
+                  scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """Linear layer with VQ weights; ``x`` (..., in_features), returns fp32 (..., N)."""
+    w = vq_dequantize_ref(codes, codebook, x.shape[-1], rows_per_group, scale)
+    y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
     return y

@@ -13,10 +13,22 @@ Tensors (compressed-tensors naming), for each quantized layer ``<layer>``:
 ``<layer>.bias``            fp32 (N,), when the layer has one
 ==========================  ======================================================================
 
+Vector-quantized layers (``vmq vq``):
+
+==========================  ======================================================================
+``<layer>.weight_codes``    uint8, the (N, ceil(K_in / d)) codebook indices bit-packed row-major,
+                            log2(size) bits each (:func:`vmq.pack.bits.pack_unsigned`)
+``<layer>.weight_shape``    int64 (2,), the weight's shape (N, K_in)
+``<layer>.weight_codebook`` fp16 (G, size, d), one codebook per group of output rows
+``<layer>.weight_scale``    fp16 (N,), per-row scale, when the recipe asked for one
+``<layer>.input_scale``, ``<layer>.input_zero_point``, ``<layer>.bias``: as above
+==========================  ======================================================================
+
 Every other tensor of the model is stored under its own name (norm weights already hold folded
 smoothing scales). ``__metadata__["vmq"]`` is a JSON string: ``format``, ``format_version``,
 ``vmq_version``, ``model`` (registered name and full config), ``recipe`` (resolved),
-``layers`` (per-layer scheme) and ``results`` (what quantize measured).
+``layers`` (per-layer scheme; ``kind`` is ``int`` or ``vq``) and ``results`` (what the command
+measured).
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import torch
 from torch import nn
 
 from vmq.errors import VmqError
-from vmq.pack.bits import pack_signed, packed_nbytes, unpack_signed
+from vmq.pack.bits import pack_signed, pack_unsigned, packed_nbytes, unpack_signed, unpack_unsigned
 
 FORMAT = "vmq.packed"
 FORMAT_VERSION = 1
@@ -69,7 +81,9 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
 
     from vmq.models import model_names
 
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    from vmq.vq.qlinear import VQLinear
+
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, VQLinear))}
     if not quantized:
         raise VmqError("the model has no quantized layer to pack")
     if getattr(model, "vmq_name", None) not in model_names():
@@ -81,17 +95,25 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
             tensors[key] = value.detach().contiguous()
     layers = {}
     for name, q in quantized.items():
-        if q.w_bits == 8:
-            tensors[f"{name}.weight"] = q.weight.contiguous()
+        if isinstance(q, VQLinear):
+            tensors[f"{name}.weight_codes"] = pack_unsigned(q.weight_codes, q.code_bits)
+            tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
+            attrs = ("weight_codebook", "weight_scale", "input_scale", "input_zero_point", "bias")
+            layers[name] = {"kind": "vq", "dim": q.dim, "size": q.size, "rows_per_group": q.rows_per_group,
+                            "row_scale": q.weight_scale is not None, "a_bits": q.a_bits, "a_strategy": q.a_strategy}
         else:
-            tensors[f"{name}.weight_packed"] = pack_signed(q.weight, q.w_bits)
-        tensors[f"{name}.weight_shape"] = torch.tensor(list(q.weight.shape), dtype=torch.int64)
-        for attr in ("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias"):
+            if q.w_bits == 8:
+                tensors[f"{name}.weight"] = q.weight.contiguous()
+            else:
+                tensors[f"{name}.weight_packed"] = pack_signed(q.weight, q.w_bits)
+            tensors[f"{name}.weight_shape"] = torch.tensor(list(q.weight.shape), dtype=torch.int64)
+            attrs = ("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias")
+            layers[name] = {"kind": "int", "w_bits": q.w_bits, "w_strategy": q.w_strategy, "a_bits": q.a_bits,
+                            "a_strategy": q.a_strategy}
+        for attr in attrs:
             t = getattr(q, attr)
             if t is not None:
                 tensors[f"{name}.{attr}"] = t.detach().contiguous()
-        layers[name] = {"w_bits": q.w_bits, "w_strategy": q.w_strategy, "a_bits": q.a_bits,
-                        "a_strategy": q.a_strategy}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -111,7 +133,6 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
 
     from vmq.models import VimConfig, config_for
     from vmq.quant.ptq import set_module
-    from vmq.quant.qlinear import QuantizedLinear
 
     path = Path(path)
     if not path.is_file():
@@ -149,24 +170,20 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
             raise VmqError(f"{path}: {name} has no linear layer {lname}")
         try:
             shape = tuple(int(v) for v in tensors.pop(f"{lname}.weight_shape").tolist())
-            if spec["w_bits"] == 8:
-                w = tensors.pop(f"{lname}.weight")
-            else:
-                packed = tensors.pop(f"{lname}.weight_packed")
-                numel = shape[0] * shape[1]
-                if packed.numel() != packed_nbytes(numel, spec["w_bits"]):
-                    raise VmqError(f"{path}: {lname}.weight_packed has {packed.numel()} bytes, expected "
-                                   f"{packed_nbytes(numel, spec['w_bits'])}")
-                w = unpack_signed(packed, spec["w_bits"], numel).reshape(shape)
             if shape != (target.out_features, target.in_features):
                 raise VmqError(f"{path}: {lname} is {shape} in the file but {name} has "
                                f"{(target.out_features, target.in_features)}")
-            q = QuantizedLinear(w, tensors.pop(f"{lname}.weight_scale"), spec["w_bits"], spec["w_strategy"],
-                                spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
-                                tensors.pop(f"{lname}.input_zero_point", None),
-                                tensors.pop(f"{lname}.smooth_scale", None), tensors.pop(f"{lname}.bias", None))
+            kind = spec.get("kind", "int")
+            if kind == "vq":
+                q = _load_vq_layer(path, lname, spec, shape, tensors)
+            elif kind == "int":
+                q = _load_int_layer(path, lname, spec, shape, tensors)
+            else:
+                raise VmqError(f"{path}: layer {lname} has unknown kind {kind!r}")
         except KeyError as exc:
-            raise VmqError(f"{path}: quantized layer {lname} lacks tensor {exc.args[0]}") from None
+            what = exc.args[0]
+            raise VmqError(f"{path}: quantized layer {lname} lacks "
+                           f"{'tensor' if str(what).startswith(lname) else 'metadata key'} {what}") from None
         except (ValueError, TypeError, RuntimeError) as exc:
             raise VmqError(f"{path}: quantized layer {lname}: {exc}".splitlines()[0]) from None
         set_module(model, lname, q)
@@ -179,6 +196,47 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise VmqError(f"{path}: tensors do not fit {name}: {what}")
     return model.eval(), meta
+
+
+def _load_int_layer(path, lname: str, spec: dict, shape, tensors: dict):
+    from vmq.quant.qlinear import QuantizedLinear
+
+    if spec["w_bits"] == 8:
+        w = tensors.pop(f"{lname}.weight")
+    else:
+        packed = tensors.pop(f"{lname}.weight_packed")
+        numel = shape[0] * shape[1]
+        if packed.numel() != packed_nbytes(numel, spec["w_bits"]):
+            raise VmqError(f"{path}: {lname}.weight_packed has {packed.numel()} bytes, expected "
+                           f"{packed_nbytes(numel, spec['w_bits'])}")
+        w = unpack_signed(packed, spec["w_bits"], numel).reshape(shape)
+    return QuantizedLinear(w, tensors.pop(f"{lname}.weight_scale"), spec["w_bits"], spec["w_strategy"],
+                           spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
+                           tensors.pop(f"{lname}.input_zero_point", None),
+                           tensors.pop(f"{lname}.smooth_scale", None), tensors.pop(f"{lname}.bias", None))
+
+
+def _load_vq_layer(path, lname: str, spec: dict, shape, tensors: dict):
+    from vmq.vq.qlinear import VQLinear
+
+    size, dim = int(spec["size"]), int(spec["dim"])
+    if size < 2 or size & (size - 1) or dim < 1:
+        raise VmqError(f"{path}: {lname} has an impossible codebook (size {size}, dim {dim})")
+    bits = size.bit_length() - 1
+    cols = -(-shape[1] // dim)
+    numel = shape[0] * cols
+    packed = tensors.pop(f"{lname}.weight_codes")
+    if packed.numel() != packed_nbytes(numel, bits):
+        raise VmqError(f"{path}: {lname}.weight_codes has {packed.numel()} bytes, expected "
+                       f"{packed_nbytes(numel, bits)}")
+    codes = unpack_unsigned(packed, bits, numel).reshape(shape[0], cols)
+    codebook = tensors.pop(f"{lname}.weight_codebook")
+    if codebook.dim() != 3 or tuple(codebook.shape[1:]) != (size, dim):
+        raise VmqError(f"{path}: {lname}.weight_codebook is {tuple(codebook.shape)}, expected (G, {size}, {dim})")
+    scale = tensors.pop(f"{lname}.weight_scale") if spec.get("row_scale") else None
+    return VQLinear(codes, codebook, shape[1], spec["rows_per_group"], scale, tensors.pop(f"{lname}.bias", None),
+                    spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
+                    tensors.pop(f"{lname}.input_zero_point", None))
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_packed", "load_packed", "read_metadata", "is_packed"]

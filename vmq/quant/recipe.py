@@ -45,6 +45,19 @@ PRESETS = {
 }
 
 
+def check_layer_patterns(v: List[str]) -> List[str]:
+    """``targets`` / ``ignore`` entries: exact layer names or ``re:`` regular expressions."""
+    for item in v:
+        if not item.strip():
+            raise ValueError("empty layer name")
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
+    return v
+
+
 class WeightScheme(StrictModel):
     num_bits: int = Field(8, ge=2, le=8, description="bits per weight (symmetric integers)")
     strategy: Literal["channel", "tensor"] = "channel"
@@ -104,18 +117,7 @@ class QuantizationStage(StrictModel):
             return {"weights": {"num_bits": w}, "input_activations": None if a is None else {"num_bits": a}}
         return v
 
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns(cls, v: List[str]) -> List[str]:
-        for item in v:
-            if not item.strip():
-                raise ValueError("empty layer name")
-            if item.startswith("re:"):
-                try:
-                    re.compile(item[3:])
-                except re.error as exc:
-                    raise ValueError(f"bad regular expression {item!r}: {exc}") from None
-        return v
+    _patterns = field_validator("targets", "ignore")(check_layer_patterns)
 
     @model_validator(mode="after")
     def _coherent(self):
@@ -149,4 +151,4 @@ def scheme_label(stage: QuantizationStage) -> str:
 
 
 __all__ = ["QuantRecipe", "QuantizationStage", "Scheme", "WeightScheme", "ActivationScheme", "Smoothing",
-           "Truncation", "JLSS", "METHODS", "PRESETS", "DEFAULT_TARGETS", "scheme_label"]
+           "Truncation", "JLSS", "check_layer_patterns", "METHODS", "PRESETS", "DEFAULT_TARGETS", "scheme_label"]

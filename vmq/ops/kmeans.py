@@ -1,0 +1,150 @@
+"""Weighted k-means for codebooks: k-means++ seeding, Lloyd iterations, chunked assignment.
+
+Points ``x`` are (N, d); an optional importance ``w`` (N, d) (or (d,) for all points) weights
+each coordinate, so the distance of a point to a codeword ``c`` is ``sum_j w_j (x_j - c_j)^2``
+and a codeword is the ``w``-weighted mean of its points, coordinate by coordinate. Expanding
+the square gives the assignment as two small matmuls per chunk of points,
+
+    dist(x, c) = sum_j w_j x_j^2  -  2 (w * x) . c  +  w . c^2,
+
+so the full N x K distance matrix never exists: at most ``chunk`` x K of it at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 20  # distance-matrix entries per chunk (4 MiB of fp32)
+
+
+def _check(x: Tensor, w: Optional[Tensor]) -> Optional[Tensor]:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"points must be a 2-D float tensor (N, d), got {x.dtype} {tuple(x.shape)}")
+    if w is None:
+        return None
+    if w.dim() == 1:
+        w = w.expand_as(x)
+    if w.shape != x.shape:
+        raise ValueError(f"weights must be (d,) or shaped like the points {tuple(x.shape)}, got {tuple(w.shape)}")
+    if (w < 0).any():
+        raise ValueError("importance weights must be non-negative")
+    return w.to(x.dtype)
+
+
+def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
+           return_dist: bool = False):
+    """Index of the nearest centroid of every point, ``chunk`` points at a time; (N,) int64.
+
+    With ``return_dist``, also the (weighted) squared distance to it.
+    """
+    w = _check(x, w)
+    n, k = x.shape[0], centroids.shape[0]
+    chunk = chunk or max(1, CHUNK_ELEMENTS // max(k, 1))
+    codes = torch.empty(n, dtype=torch.int64, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device) if return_dist else None
+    c = centroids.to(x.dtype)
+    c_t, c2_t = c.t().contiguous(), (c * c).t().contiguous()
+    c2 = c2_t.sum(0)
+    for s in range(0, n, chunk):
+        xs = x[s:s + chunk]
+        if w is None:
+            d = torch.addmm(c2, xs, c_t, alpha=-2.0)  # |c|^2 - 2 x.c; |x|^2 does not change the argmin
+        else:
+            ws = w[s:s + chunk]
+            d = torch.addmm(ws @ c2_t, ws * xs, c_t, alpha=-2.0)
+        best, idx = d.min(dim=1)
+        codes[s:s + chunk] = idx
+        if return_dist:
+            xx = (xs * xs).sum(1) if w is None else (ws * xs * xs).sum(1)
+            dist[s:s + chunk] = (best + xx).clamp(min=0)
+    return (codes, dist) if return_dist else codes
+
+
+def nearest_k(x: Tensor, centroids: Tensor, k: int, w: Optional[Tensor] = None,
+              chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The ``k`` nearest centroids of every point, nearest first: ``(indices (N, k), squared distances (N, k))``."""
+    w = _check(x, w)
+    n, kk = x.shape[0], centroids.shape[0]
+    if not 1 <= k <= kk:
+        raise ValueError(f"k must be in 1..{kk} (the number of centroids), got {k}")
+    chunk = chunk or max(1, CHUNK_ELEMENTS // max(kk, 1))
+    idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    dist = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    c = centroids.to(x.dtype)
+    c_t, c2_t = c.t().contiguous(), (c * c).t().contiguous()
+    for s in range(0, n, chunk):
+        xs = x[s:s + chunk]
+        ws = torch.ones_like(xs) if w is None else w[s:s + chunk]
+        d = torch.addmm(ws @ c2_t, ws * xs, c_t, alpha=-2.0)
+        best, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        idx[s:s + chunk] = i
+        dist[s:s + chunk] = (best + (ws * xs * xs).sum(1, keepdim=True)).clamp(min=0)
+    return idx, dist
+
+
+def kmeans_pp(x: Tensor, k: int, w: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """k-means++ seeding: each next centroid is a point drawn with probability proportional to its
+    (weighted) squared distance to the nearest centroid chosen so far. Returns (k, d)."""
+    w = _check(x, w)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the number of points), got {k}")
+    idx = torch.empty(k, dtype=torch.int64)
+    idx[0] = torch.randint(n, (1,), generator=generator)
+    diff = x - x[idx[0]]
+    best = (diff * diff if w is None else w * diff * diff).sum(1)
+    for i in range(1, k):
+        total = best.sum()
+        if total <= 0:  # every point sits on a centroid already: fill with random distinct points
+            rest = torch.randperm(n, generator=generator)[: k - i]
+            idx[i:] = rest
+            break
+        idx[i] = torch.multinomial(best / total, 1, generator=generator)[0]
+        diff = x - x[idx[i]]
+        torch.minimum(best, (diff * diff if w is None else w * diff * diff).sum(1), out=best)
+    return x[idx].clone()
+
+
+def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """The (weighted) mean of each cluster; a cluster with no weight keeps its old centroid."""
+    w = _check(x, w)
+    k, d = centroids.shape
+    wx = x if w is None else w * x
+    num = torch.zeros(k, d, dtype=x.dtype, device=x.device).index_add_(0, codes, wx)
+    den = torch.zeros(k, d, dtype=x.dtype, device=x.device)
+    den.index_add_(0, codes, torch.ones_like(x) if w is None else w)
+    empty = den <= 0
+    return torch.where(empty, centroids.to(x.dtype), num / den.clamp(min=torch.finfo(x.dtype).tiny))
+
+
+def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, seed: int = 0,
+           chunk: Optional[int] = None, init: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Weighted k-means of the rows of ``x``: returns ``(centroids (k, d), codes (N,))``.
+
+    ``iterations`` Lloyd steps after k-means++ seeding (or from ``init``), stopping early when no
+    assignment changes. Deterministic for a given ``seed``.
+    """
+    w = _check(x, w)
+    if not torch.isfinite(x).all():
+        raise ValueError("points hold NaN or Inf")
+    if init is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        centroids = kmeans_pp(x, k, w, gen)
+    else:
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init must be ({k}, {x.shape[1]}), got {tuple(init.shape)}")
+        centroids = init.to(x.dtype).clone()
+    codes = assign(x, centroids, w, chunk)
+    for _ in range(iterations):
+        centroids = update_centroids(x, codes, centroids, w)
+        new = assign(x, centroids, w, chunk)
+        if torch.equal(new, codes):
+            break
+        codes = new
+    return centroids, codes
+
+
+__all__ = ["kmeans", "kmeans_pp", "assign", "nearest_k", "update_centroids", "CHUNK_ELEMENTS"]

@@ -1,0 +1,94 @@
+"""Incremental codeword confirmation: the staged search of one block (ViM-VQ, vmq's version).
+
+The block's VQ layers start soft (:meth:`ConvexVQLinear.start_search`). The search's iterations
+are split over the stages of ``confirm.schedule``; each stage optimises the combination logits
+and the codebooks against the block-output loss, then confirms, in every layer, the most
+confident soft sub-vectors until the stage's cumulative fraction of them is fixed. After the
+last stage (fraction 1.0) every sub-vector is a single codeword.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from vmq.quant.jlss import LOSSES
+from vmq.vq.convex import ConvexVQLinear, learnable
+from vmq.vq.recipe import Search
+
+
+def stage_lengths(iterations: int, stages: int) -> List[int]:
+    """``iterations`` split over ``stages`` as evenly as possible, earlier stages taking the remainder."""
+    base, extra = divmod(iterations, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def confirm(layers: Dict[str, ConvexVQLinear], fraction: float) -> None:
+    """In every layer, fix the most confident soft sub-vectors until ``fraction`` of all are fixed."""
+    for q in layers.values():
+        n = q.layout.num_subvectors
+        need = min(n, math.ceil(fraction * n - 1e-9)) - int(q.confirmed.sum())
+        if need <= 0:
+            continue
+        conf = q.confidence().masked_fill(q.confirmed, -1.0)
+        q.confirm_indices(torch.topk(conf, need).indices)
+
+
+def block_loss(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor, loss_fn,
+               batch_size: int) -> float:
+    hidden, residual = inputs
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], batch_size):
+            r = None if residual is None else residual[i:i + batch_size]
+            out, _ = block(hidden[i:i + batch_size], r)
+            total += loss_fn(out, target[i:i + batch_size]).item() * out.shape[0]
+    return total / hidden.shape[0]
+
+
+def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
+                 layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float],
+                 seed: int = 0) -> Tuple[float, float]:
+    """Run the staged search in place; returns the block loss with the k-means codes and at the end."""
+    loss_fn = LOSSES[cfg.loss]
+    before = block_loss(block, inputs, target, loss_fn, cfg.batch_size)
+    for q in layers.values():
+        q.start_search(cfg.candidates)
+    logits, codebooks = learnable(layers)
+    hidden, residual = inputs
+    n = hidden.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(n, generator=gen), 0
+    saved = {p: p.requires_grad for p in block.parameters()}
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for p in logits + codebooks:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([{"params": logits, "lr": cfg.lr_logits},
+                                {"params": codebooks, "lr": cfg.lr_codebook}])
+        with torch.enable_grad():
+            for fraction, steps in zip(schedule, stage_lengths(cfg.iterations, len(schedule))):
+                for _ in range(steps):
+                    if pos + cfg.batch_size > n:
+                        order, pos = torch.randperm(n, generator=gen), 0
+                    idx = order[pos:pos + cfg.batch_size]
+                    pos += cfg.batch_size
+                    out, _ = block(hidden[idx], None if residual is None else residual[idx])
+                    loss = loss_fn(out, target[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                confirm(layers, fraction)
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        for p in logits + codebooks:
+            p.requires_grad_(False)
+    return before, block_loss(block, inputs, target, loss_fn, cfg.batch_size)
+
+
+__all__ = ["search_block", "confirm", "stage_lengths", "block_loss"]

@@ -1,0 +1,185 @@
+"""Vector quantization of a Vim, block by block (ViM-VQ and the k-means baseline).
+
+For each block, in order:
+
+1. the floating-point block runs on the floating-point inputs: its output is the target;
+2. its target linear layers become :class:`~vmq.vq.convex.ConvexVQLinear` with k-means
+   codebooks (importance: the input second moment from the calibration stats); with quantized
+   activations, their per-token static ranges come from a truncation search on the inputs the
+   quantized model feeds the block, as in PTQ;
+3. ViM-VQ only: the staged convex-combination search (:func:`vmq.vq.incremental.search_block`);
+4. the layers are frozen to :class:`~vmq.vq.qlinear.VQLinear` (fp16 codebooks) and each
+   layer's output SNR against its floating-point output is measured;
+5. the quantized block runs on the quantized inputs, giving the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vmq.calib import CalibStats, LinearObserver, embed_inputs, run_block
+from vmq.errors import VmqError
+from vmq.evaluate import snr_db
+from vmq.quant.ptq import resolve_targets, set_module
+from vmq.quant.truncation import activation_range_search
+from vmq.vq.codebook import init_codebook
+from vmq.vq.convex import ConvexVQLinear
+from vmq.vq.incremental import search_block
+from vmq.vq.qlinear import VQLinear
+from vmq.vq.recipe import VQStage
+
+SNR_IMAGES = 32
+TRUNCATION = {"p": 2.4, "grid": 100, "num_images": 64}  # the PTQ recipe's defaults, for A8 ranges
+
+
+@dataclass
+class VQLayerReport:
+    name: str
+    dim: int
+    size: int
+    groups: int
+    weights: int
+    code_bits_per_weight: float  # codes only
+    bits_per_weight: float  # codes + codebooks + row scales
+    a_bits: Optional[int]
+    snr_db: float
+    seconds: float  # k-means and search of the layer's block, shared out by weight count
+    loss_kmeans: Optional[float] = None  # block loss, repeated on each of its layers
+    loss_final: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if math.isinf(d["snr_db"]):
+            d["snr_db"] = None
+        return d
+
+
+def vq_model(model: nn.Module, stage: VQStage, images: Tensor, stats: CalibStats, batch_size: int = 32,
+             seed: int = 0, train_scan: Optional[Callable] = None,
+             on_block: Optional[Callable[[int, int, str], None]] = None) -> List[VQLayerReport]:
+    """Vector-quantize ``model`` in place (target layers become :class:`VQLinear`); per-layer reports."""
+    targets = resolve_targets(model, stage)
+    missing = [t for t in targets if t not in stats.layers]
+    if missing:
+        raise VmqError(f"the calibration stats have no entry for {missing[0]}")
+    acts = stage.input_activations
+    if acts is not None and acts.strategy == "token_dynamic":
+        raise VmqError("vq.input_activations: VQ layers take static activations (token_static or tensor_static)")
+    if acts is not None and acts.strategy == "token_static":
+        tokens = stats.layers[targets[0]].min.shape[0]
+        if tokens != model.cfg.num_tokens:
+            raise VmqError(f"per-token static activations were calibrated on {tokens} tokens but the model "
+                           f"reads {model.cfg.num_tokens}; calibrate at the model's input size")
+    modules = dict(model.named_modules())
+    for t in targets:  # every layer's codebook fits before any work
+        w = modules[t].weight
+        n_sub = w.shape[0] * math.ceil(w.shape[1] / stage.codebook.dim)
+        per_group = min(stage.codebook.rows_per_group or w.shape[0], w.shape[0]) * math.ceil(
+            w.shape[1] / stage.codebook.dim)
+        if stage.codebook.size > min(n_sub, per_group):
+            raise VmqError(f"{t}: codebook.size {stage.codebook.size} exceeds its {min(n_sub, per_group)} "
+                           f"sub-vectors of dim {stage.codebook.dim} (weight {tuple(w.shape)}); use a smaller "
+                           "codebook or more rows per group")
+    torch.manual_seed(seed)
+    model.eval()
+    mixers = [b.mixer for b in model.layers]
+    saved_scans = [m.scan_fn for m in mixers]
+    if train_scan is not None:
+        for m in mixers:
+            m.scan_fn = train_scan
+    reports: List[VQLayerReport] = []
+    try:
+        fp_io = embed_inputs(model, images, batch_size)
+        q_io = fp_io
+        for i, block in enumerate(model.layers):
+            prefix = f"layers.{i}."
+            names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
+            fp_out = run_block(block, fp_io, batch_size)
+            if names:
+                reports += _vq_block(block, prefix, names, stage, stats, q_io, fp_out[0], model.cfg.num_tokens,
+                                     batch_size, seed + i)
+            q_io = run_block(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
+            if not (torch.isfinite(q_io[0]).all() and torch.isfinite(q_io[1]).all()):
+                raise VmqError(f"vector-quantized block {i} produced NaN or Inf")
+            fp_io = fp_out
+            if on_block is not None:
+                on_block(i + 1, len(model.layers), prefix)
+    finally:
+        for m, fn in zip(mixers, saved_scans):
+            m.scan_fn = fn
+    return reports
+
+
+def _vq_block(block: nn.Module, prefix: str, names: List[str], stage: VQStage, stats: CalibStats, q_io,
+              target: Tensor, num_tokens: int, batch_size: int, seed: int) -> List[VQLayerReport]:
+    start = time.perf_counter()
+    layers: Dict[str, ConvexVQLinear] = {}
+    for j, name in enumerate(names):
+        lin = block.get_submodule(name)
+        h = stats.layers[prefix + name].second_moment if stage.kmeans.importance else None
+        layout, codebook, codes, scale, imp = init_codebook(prefix + name, lin.weight, stage.codebook,
+                                                            stage.kmeans.iterations, h, seed * 1000 + j)
+        layers[name] = ConvexVQLinear(lin, layout, codebook, codes, scale, imp, stage.input_activations,
+                                      num_tokens)
+        set_module(block, name, layers[name])
+    if stage.input_activations is not None:
+        _init_activation_ranges(block, prefix, layers, q_io, batch_size)
+
+    losses = (None, None)
+    if stage.learns:
+        losses = search_block(block, q_io, target, layers, stage.search, stage.confirm.schedule, seed)
+    seconds = time.perf_counter() - start
+
+    frozen = {name: q.freeze() for name, q in layers.items()}
+    for name, f in frozen.items():
+        set_module(block, name, f)
+    k = min(SNR_IMAGES, q_io[0].shape[0])
+    with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
+        run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
+    total_weights = sum(f.out_features * f.in_features for f in frozen.values())
+    reports = []
+    with torch.no_grad():
+        for name in names:
+            f = frozen[name]
+            x = obs.stats[name].sample_tensor()
+            bits = f.storage_bits()
+            reports.append(VQLayerReport(
+                prefix + name, f.dim, f.size, f.weight_codebook.shape[0], bits["weights"],
+                round(bits["codes"] / bits["weights"], 4),
+                round((bits["codes"] + bits["codebook"] + bits["scale"]) / bits["weights"], 4),
+                f.a_bits, round(snr_db(layers[name].float_forward(x), f(x)), 3),
+                round(seconds * bits["weights"] / total_weights, 3),
+                None if losses[0] is None else round(losses[0], 6),
+                None if losses[1] is None else round(losses[1], 6)))
+    return reports
+
+
+@torch.no_grad()
+def _init_activation_ranges(block: nn.Module, prefix: str, layers: Dict[str, ConvexVQLinear], q_io,
+                            batch_size: int) -> None:
+    """Static activation ranges by truncation search on the inputs each layer sees when the
+    quantized blocks before feed this one (its own weights already k-means VQ)."""
+    k = min(TRUNCATION["num_images"], q_io[0].shape[0])
+    saved = {name: q.a_quant for name, q in layers.items()}
+    try:
+        for q in layers.values():
+            q.a_quant = None
+        with LinearObserver(block, list(layers), keep_samples=k, prefix=prefix) as obs:
+            run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
+    finally:
+        for name, q in layers.items():
+            q.a_quant = saved[name]
+    for name, q in layers.items():
+        a = q.a_quant
+        lo, hi = activation_range_search(obs.stats[name].sample_tensor(), a.bits, TRUNCATION["p"],
+                                         TRUNCATION["grid"], per_token=a.granularity == "token_static")
+        a.set_range(lo, hi)
+
+
+__all__ = ["vq_model", "VQLayerReport"]
