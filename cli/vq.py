@@ -11,12 +11,6 @@ def _default_out(model_name: str, recipe) -> str:
     return f"{model_name}-vq-{vq_label(recipe.vq)}-{recipe.vq.method}.safetensors"
 
 
-def _check_targets(model, stage) -> None:
-    from vmq.quant.ptq import resolve_targets
-
-    resolve_targets(model, stage)
-
-
 @click.command("vq")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="YAML recipe (see configs/vq-*.yaml); default: ViM-VQ, d=2 K=16 (2 bits) on the reference "
@@ -43,7 +37,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
 
     from vmq.ops.scan_train import training_scan
     from vmq.recipe import load_recipe
-    from vmq.vq.pipeline import vq_model
+    from vmq.vq.pipeline import check_model, vq_model
     from vmq.vq.recipe import VQRecipe, vq_label
     from vmq_cli import _console as console
     from vmq_cli._compress import Job
@@ -51,7 +45,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     recipe = load_recipe(recipe_path, VQRecipe, overrides)
     stage = recipe.vq
     job = Job.prepare(recipe, out, stats_path, lambda name: _default_out(name, recipe),
-                      lambda model: _check_targets(model, stage))
+                      lambda model: check_model(model, stage))
     model = job.model
     job.collect_stats()
     fp = None if no_eval else job.evaluate("floating point")

@@ -98,9 +98,11 @@ def kmeans_pp(x: Tensor, k: int, w: Optional[Tensor] = None, generator: Optional
     best = (diff * diff if w is None else w * diff * diff).sum(1)
     for i in range(1, k):
         total = best.sum()
-        if total <= 0:  # every point sits on a centroid already: fill with random distinct points
-            rest = torch.randperm(n, generator=generator)[: k - i]
-            idx[i:] = rest
+        if total <= 0:  # every point sits on a centroid already: fill with random points not chosen yet
+            free = torch.ones(n, dtype=torch.bool)
+            free[idx[:i]] = False
+            rest = free.nonzero().squeeze(1)
+            idx[i:] = rest[torch.randperm(rest.numel(), generator=generator)[: k - i]]
             break
         idx[i] = torch.multinomial(best / total, 1, generator=generator)[0]
         diff = x - x[idx[i]]
@@ -121,11 +123,12 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
 
 
 def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, seed: int = 0,
-           chunk: Optional[int] = None, init: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+           chunk: Optional[int] = None, init: Optional[Tensor] = None,
+           stop_early: bool = True) -> Tuple[Tensor, Tensor]:
     """Weighted k-means of the rows of ``x``: returns ``(centroids (k, d), codes (N,))``.
 
     ``iterations`` Lloyd steps after k-means++ seeding (or from ``init``), stopping early when no
-    assignment changes. Deterministic for a given ``seed``.
+    assignment changes (unless ``stop_early`` is off). Deterministic for a given ``seed``.
     """
     w = _check(x, w)
     if not torch.isfinite(x).all():
@@ -141,7 +144,7 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
     for _ in range(iterations):
         centroids = update_centroids(x, codes, centroids, w)
         new = assign(x, centroids, w, chunk)
-        if torch.equal(new, codes):
+        if stop_early and torch.equal(new, codes):
             break
         codes = new
     return centroids, codes

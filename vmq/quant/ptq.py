@@ -62,23 +62,26 @@ def _matches(name: str, patterns: List[str]) -> bool:
     return any(p == name or (p.startswith("re:") and re.search(p[3:], name)) for p in patterns)
 
 
-def resolve_targets(model: nn.Module, stage: QuantizationStage) -> List[str]:
-    """Names of the linear layers to quantize: matched by ``targets``, not by ``ignore``."""
+def resolve_targets(model: nn.Module, stage, key: str = "quantization") -> List[str]:
+    """Names of the linear layers to quantize: matched by ``stage.targets``, not by ``stage.ignore``.
+
+    ``key`` is the recipe block the errors name (``quantization`` or ``vq``).
+    """
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     modules = dict(model.named_modules())
-    for key, patterns in (("targets", stage.targets), ("ignore", stage.ignore)):
+    for field, patterns in (("targets", stage.targets), ("ignore", stage.ignore)):
         for p in patterns:
             if not p.startswith("re:") and p not in modules:
-                raise VmqError(f"quantization.{key}: the model has no layer named {p!r}")
-            if key == "targets" and not p.startswith("re:") and p not in linears:
-                raise VmqError(f"quantization.targets: {p!r} is a {type(modules[p]).__name__}, not a linear layer")
+                raise VmqError(f"{key}.{field}: the model has no layer named {p!r}")
+            if field == "targets" and not p.startswith("re:") and p not in linears:
+                raise VmqError(f"{key}.targets: {p!r} is a {type(modules[p]).__name__}, not a linear layer")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, stage.targets)
              and not _matches(n, stage.ignore)]
     outside = [n for n in names if not re.match(r"layers\.\d+\.", n)]
     if outside:
-        raise VmqError(f"quantization.targets: only linear layers inside blocks can be quantized, not {outside[0]!r}")
+        raise VmqError(f"{key}.targets: only linear layers inside blocks can be quantized, not {outside[0]!r}")
     if not names:
-        raise VmqError("quantization.targets match no linear layer of the model (after ignore)")
+        raise VmqError(f"{key}.targets match no linear layer of the model (after ignore)")
     return names
 
 

@@ -1,10 +1,11 @@
 """Incremental codeword confirmation: the staged search of one block (ViM-VQ, vmq's version).
 
 The block's VQ layers start soft (:meth:`ConvexVQLinear.start_search`). The search's iterations
-are split over the stages of ``confirm.schedule``; each stage optimises the combination logits
-and the codebooks against the block-output loss, then confirms, in every layer, the most
-confident soft sub-vectors until the stage's cumulative fraction of them is fixed. After the
-last stage (fraction 1.0) every sub-vector is a single codeword.
+are split evenly over the stages of ``confirm.schedule`` plus one; each stage optimises the
+combination logits and the codebooks against the block-output loss, then confirms, in every
+layer, the most confident soft sub-vectors until the stage's cumulative fraction of them is
+fixed. After the last stage (fraction 1.0) every sub-vector is a single codeword, and the last
+share of iterations tunes the codebooks alone with these codes.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def block_loss(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target
 
 def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
                  layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float],
-                 seed: int = 0) -> Tuple[float, float]:
-    """Run the staged search in place; returns the block loss with the k-means codes and at the end."""
+                 seed: int = 0) -> float:
+    """Run the staged search in place; returns the block loss with the k-means codes (before it)."""
     loss_fn = LOSSES[cfg.loss]
     before = block_loss(block, inputs, target, loss_fn, cfg.batch_size)
     for q in layers.values():
@@ -70,8 +71,9 @@ def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targ
             p.requires_grad_(True)
         opt = torch.optim.Adam([{"params": logits, "lr": cfg.lr_logits},
                                 {"params": codebooks, "lr": cfg.lr_codebook}])
+        lengths = stage_lengths(cfg.iterations, len(schedule) + 1)
         with torch.enable_grad():
-            for fraction, steps in zip(schedule, stage_lengths(cfg.iterations, len(schedule))):
+            for stage, steps in enumerate(lengths):
                 for _ in range(steps):
                     if pos + cfg.batch_size > n:
                         order, pos = torch.randperm(n, generator=gen), 0
@@ -82,13 +84,14 @@ def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targ
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                confirm(layers, fraction)
+                if stage < len(schedule):
+                    confirm(layers, schedule[stage])
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         for p in logits + codebooks:
             p.requires_grad_(False)
-    return before, block_loss(block, inputs, target, loss_fn, cfg.batch_size)
+    return before
 
 
 __all__ = ["search_block", "confirm", "stage_lengths", "block_loss"]

@@ -28,9 +28,10 @@ from vmq.errors import VmqError
 from vmq.evaluate import snr_db
 from vmq.quant.ptq import resolve_targets, set_module
 from vmq.quant.truncation import activation_range_search
-from vmq.vq.codebook import init_codebook
+from vmq.vq.codebook import Layout, init_codebook
 from vmq.vq.convex import ConvexVQLinear
-from vmq.vq.incremental import search_block
+from vmq.quant.jlss import LOSSES
+from vmq.vq.incremental import block_loss, search_block
 from vmq.vq.qlinear import VQLinear
 from vmq.vq.recipe import VQStage
 
@@ -60,32 +61,35 @@ class VQLayerReport:
         return d
 
 
+def check_model(model: nn.Module, stage: VQStage) -> List[str]:
+    """The target layers; fails (before any work) when a target's codebook cannot fit its sub-vectors."""
+    targets = resolve_targets(model, stage, key="vq")
+    modules = dict(model.named_modules())
+    for t in targets:
+        lay = Layout.of(modules[t].weight, stage.codebook)
+        smallest = min(sl.stop - sl.start for _, sl in lay.group_slices())
+        if stage.codebook.size > smallest:
+            raise VmqError(f"{t}: codebook.size {stage.codebook.size} exceeds its {smallest} sub-vectors of dim "
+                           f"{stage.codebook.dim} (weight {tuple(modules[t].weight.shape)}"
+                           + (f", {lay.rows_per_group} rows per group" if lay.groups > 1 else "")
+                           + "); use a smaller codebook or more rows per group")
+    return targets
+
+
 def vq_model(model: nn.Module, stage: VQStage, images: Tensor, stats: CalibStats, batch_size: int = 32,
              seed: int = 0, train_scan: Optional[Callable] = None,
              on_block: Optional[Callable[[int, int, str], None]] = None) -> List[VQLayerReport]:
     """Vector-quantize ``model`` in place (target layers become :class:`VQLinear`); per-layer reports."""
-    targets = resolve_targets(model, stage)
+    targets = check_model(model, stage)
     missing = [t for t in targets if t not in stats.layers]
     if missing:
         raise VmqError(f"the calibration stats have no entry for {missing[0]}")
     acts = stage.input_activations
-    if acts is not None and acts.strategy == "token_dynamic":
-        raise VmqError("vq.input_activations: VQ layers take static activations (token_static or tensor_static)")
     if acts is not None and acts.strategy == "token_static":
         tokens = stats.layers[targets[0]].min.shape[0]
         if tokens != model.cfg.num_tokens:
             raise VmqError(f"per-token static activations were calibrated on {tokens} tokens but the model "
                            f"reads {model.cfg.num_tokens}; calibrate at the model's input size")
-    modules = dict(model.named_modules())
-    for t in targets:  # every layer's codebook fits before any work
-        w = modules[t].weight
-        n_sub = w.shape[0] * math.ceil(w.shape[1] / stage.codebook.dim)
-        per_group = min(stage.codebook.rows_per_group or w.shape[0], w.shape[0]) * math.ceil(
-            w.shape[1] / stage.codebook.dim)
-        if stage.codebook.size > min(n_sub, per_group):
-            raise VmqError(f"{t}: codebook.size {stage.codebook.size} exceeds its {min(n_sub, per_group)} "
-                           f"sub-vectors of dim {stage.codebook.dim} (weight {tuple(w.shape)}); use a smaller "
-                           "codebook or more rows per group")
     torch.manual_seed(seed)
     model.eval()
     mixers = [b.mixer for b in model.layers]
@@ -131,14 +135,16 @@ def _vq_block(block: nn.Module, prefix: str, names: List[str], stage: VQStage, s
     if stage.input_activations is not None:
         _init_activation_ranges(block, prefix, layers, q_io, batch_size)
 
-    losses = (None, None)
+    before = None
     if stage.learns:
-        losses = search_block(block, q_io, target, layers, stage.search, stage.confirm.schedule, seed)
+        before = search_block(block, q_io, target, layers, stage.search, stage.confirm.schedule, seed)
     seconds = time.perf_counter() - start
 
     frozen = {name: q.freeze() for name, q in layers.items()}
     for name, f in frozen.items():
         set_module(block, name, f)
+    losses = (before, None if before is None else
+              block_loss(block, q_io, target, LOSSES[stage.search.loss], stage.search.batch_size))
     k = min(SNR_IMAGES, q_io[0].shape[0])
     with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
         run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
@@ -182,4 +188,4 @@ def _init_activation_ranges(block: nn.Module, prefix: str, layers: Dict[str, Con
         a.set_range(lo, hi)
 
 
-__all__ = ["vq_model", "VQLayerReport"]
+__all__ = ["vq_model", "check_model", "VQLayerReport"]

@@ -51,7 +51,11 @@ class VQLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if a_bits is None else input_scale.float())
         self.register_buffer("input_zero_point", None if a_bits is None else input_zero_point.to(torch.int32))
-        vq_dequantize_ref(self.weight_codes[:1], self.weight_codebook[:1], self.in_features)  # shapes cover
+        if (cols - 1) * dim >= self.in_features or cols * dim < self.in_features:
+            raise ValueError(f"{cols} codes of dim {dim} per row do not cover {self.in_features} inputs")
+        if -(-self.out_features // self.rows_per_group) != groups:
+            raise ValueError(f"{self.out_features} rows in groups of {self.rows_per_group} need "
+                             f"{-(-self.out_features // self.rows_per_group)} codebooks, got {groups}")
 
     @property
     def code_bits(self) -> int:

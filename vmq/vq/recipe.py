@@ -21,7 +21,8 @@ codebook (fp16) and the optional per-row scale (fp16) are overhead reported sepa
 starts there and runs the ViM-VQ search block by block: every sub-vector becomes a convex
 combination of its ``candidates`` nearest codewords, the combination weights and the codebook
 learn against the block's output, and in the stages of ``confirm.schedule`` (cumulative
-fractions) the most confident sub-vectors are fixed to their best codeword, until all are.
+fractions) the most confident sub-vectors are fixed to their best codeword, until all are; a
+last share of the iterations then tunes the codebooks with the final codes.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class KMeans(StrictModel):
 
 class Search(StrictModel):
     candidates: int = Field(4, ge=2, le=64, description="nearest codewords each sub-vector mixes")
-    iterations: int = Field(300, ge=1, description="optimisation steps per block, over all confirmation stages")
+    iterations: int = Field(300, ge=2, description="optimisation steps per block, split evenly over the "
+                                                     "confirmation stages plus a last codebook-only stage")
     batch_size: int = Field(32, ge=1, description="images per step (cycling over the calibration set)")
     lr_logits: float = Field(5e-2, gt=0.0, description="learning rate of the combination logits")
     lr_codebook: float = Field(1e-4, gt=0.0, description="learning rate of the codewords")
@@ -110,12 +112,16 @@ class VQStage(StrictModel):
 
     @model_validator(mode="after")
     def _coherent(self):
+        acts = self.input_activations
+        if acts is not None and acts.strategy == "token_dynamic":
+            raise ValueError("vq.input_activations: VQ layers take static activations (token_static or "
+                             "tensor_static), not token_dynamic")
         if self.search.candidates > self.codebook.size:
             raise ValueError(f"search.candidates ({self.search.candidates}) exceeds codebook.size "
                              f"({self.codebook.size})")
-        if self.method == "vimvq" and self.search.iterations < len(self.confirm.schedule):
+        if self.method == "vimvq" and self.search.iterations < len(self.confirm.schedule) + 1:
             raise ValueError(f"search.iterations ({self.search.iterations}) must be at least the number of "
-                             f"confirmation stages ({len(self.confirm.schedule)})")
+                             f"confirmation stages plus one ({len(self.confirm.schedule) + 1})")
         return self
 
     @property

@@ -1,0 +1,90 @@
+"""VQ results on the reference model: 1, 2 and 3 bits per weight x {k-means, ViM-VQ}, and 2-bit + A8.
+
+Runs ``vmq vq --json`` for each cell (one at a time), keeps each run's JSON in --work (a rerun
+skips finished cells), and writes a markdown table between the VQ_TABLE markers of the README.
+Every cell's floating-point top-1 is measured in the same run as its vector-quantized top-1.
+
+    python benchmarks/vq_table.py [--work runs/vq_table] [--readme README.md] [--cells vq-2bit,vq-2bit-kmeans]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = {  # recipe stem: (bits, method label)
+    "vq-1bit-kmeans": ("1", "k-means"),
+    "vq-1bit": ("1", "ViM-VQ"),
+    "vq-2bit-kmeans": ("2", "k-means"),
+    "vq-2bit": ("2", "ViM-VQ"),
+    "vq-3bit-kmeans": ("3", "k-means"),
+    "vq-3bit": ("3", "ViM-VQ"),
+    "vq-2bit-a8": ("2 + A8", "ViM-VQ"),
+}
+BEGIN, END = "<!-- VQ_TABLE:BEGIN -->", "<!-- VQ_TABLE:END -->"
+
+
+def run_cell(stem: str, work: Path, overrides) -> dict:
+    out_json = work / f"{stem}.json"
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    cmd = [sys.executable, "-m", "vmq_cli.main", "vq", "--recipe", str(ROOT / "configs" / f"{stem}.yaml"),
+           "--out", str(work / f"{stem}.safetensors"), "--json"] + [a for s in overrides for a in ("--set", s)]
+    print(f"[vq_table] {stem} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    result = json.loads(proc.stdout)
+    out_json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict, fp_bytes: int) -> str:
+    first = next(iter(results.values()))
+    lines = [
+        f"Reference model `vim_ref_cifar10`, {first['eval_images']} shipped CIFAR-10 test images, "
+        f"{first['calibration_images']} calibration images. Floating point: **{first['fp_top1']:.2f} %** top-1 "
+        f"(fp32 checkpoint {fp_bytes:,} bytes). Bits per weight over the vector-quantized layers: codes alone, "
+        "then with the fp16 codebooks and row scales.",
+        "",
+        "| bits | method | codebook | top-1 % | vs FP | agreement % | logit SNR dB | bits/w codes | bits/w all "
+        "| vq s | command s | packed bytes | vs fp32 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stem, (bits, label) in CELLS.items():
+        r = results.get(stem)
+        if r is None:
+            continue
+        lines.append(f"| {bits} | {label} | {r['scheme'].split('-', 1)[1]} | {r['quant_top1']:.2f} "
+                     f"| {r['quant_top1'] - r['fp_top1']:+.2f} | {r['top1_agreement']:.2f} | {r['logit_snr_db']:.2f} "
+                     f"| {r['code_bits_per_weight']:.2f} | {r['bits_per_weight']:.2f} | {r['vq_seconds']:.0f} "
+                     f"| {r['total_seconds']:.0f} | {r['file_bytes']:,} | {r['file_bytes'] / fp_bytes:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "vq_table")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {stem: run_cell(stem, args.work, args.overrides) for stem in args.cells.split(",")}
+    fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
+    md = table(results, fp_bytes)
+    print(md)
+    text = args.readme.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        args.readme.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+        print(f"[vq_table] wrote the table into {args.readme}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
