@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _readme import write_between  # noqa: E402
 SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
 METHODS = {  # recipe file, shown name
     "rtn": ("configs/w4a8-rtn.yaml", "RTN"),
@@ -86,12 +89,7 @@ def main() -> None:
     fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
     md = table(results, fp_bytes)
     print(md)
-    text = args.readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.readme.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
-        print(f"[ptq_table] wrote the table into {args.readme}", file=sys.stderr)
+    write_between(args.readme, BEGIN, END, md, "ptq_table")
 
 
 if __name__ == "__main__":

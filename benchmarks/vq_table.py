@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _readme import write_between  # noqa: E402
 CELLS = {  # recipe stem: (bits, method label)
     "vq-1bit-kmeans": ("1", "k-means"),
     "vq-1bit": ("1", "ViM-VQ"),
@@ -78,12 +81,7 @@ def main() -> None:
     fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
     md = table(results, fp_bytes)
     print(md)
-    text = args.readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.readme.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
-        print(f"[vq_table] wrote the table into {args.readme}", file=sys.stderr)
+    write_between(args.readme, BEGIN, END, md, "vq_table")
 
 
 if __name__ == "__main__":

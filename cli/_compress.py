@@ -7,6 +7,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import click
+
+
+def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Callable:
+    """The options ``vmq quantize`` and ``vmq vq`` share (recipe, overrides, output, stats, eval, JSON)."""
+    options = [
+        click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None, help=recipe_help),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help=f"Override a recipe key, e.g. --set {set_example} (repeatable)."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None,
+                     help=f"Packed file to write; default: {out_pattern}. The resolved recipe is written beside it "
+                          "as <name>.recipe.yaml."),
+        click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
+                     help="Calibration stats from `vmq calibrate` for this model (skips the statistics pass)."),
+        click.option("--no-eval", is_flag=True, help="Skip the floating-point and quantized evaluation."),
+        click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
 
 def recipe_path_for(out: str) -> Path:
     p = Path(out)
@@ -115,4 +140,4 @@ class Job:
                 ["logit SNR vs FP", f"{results['logit_snr_db']} dB"], ["eval images", q["num_images"]]]
 
 
-__all__ = ["Job", "recipe_path_for"]
+__all__ = ["Job", "compress_options", "recipe_path_for"]

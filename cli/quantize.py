@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from vmq_cli._compress import compress_options
+
 
 def _default_out(model_name: str, recipe) -> str:
     from vmq.quant.recipe import scheme_label
@@ -12,17 +14,8 @@ def _default_out(model_name: str, recipe) -> str:
 
 
 @click.command("quantize")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML recipe (see configs/); default: PTQ4VM W8A8 on the reference model.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key, e.g. --set quantization.scheme=W4A8 (repeatable).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Packed file to write; default: <model>-<scheme>-<method>.safetensors. The resolved recipe "
-                   "is written beside it as <name>.recipe.yaml.")
-@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
-              help="Calibration stats from `vmq calibrate` for this model (skips the statistics pass).")
-@click.option("--no-eval", is_flag=True, help="Skip the floating-point and quantized evaluation.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@compress_options("YAML recipe (see configs/); default: PTQ4VM W8A8 on the reference model.",
+                  "quantization.scheme=W4A8", "<model>-<scheme>-<method>.safetensors")
 def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     """Quantize a Vim with a recipe and write one packed .safetensors file.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from vmq_cli._compress import compress_options
+
 
 def _default_out(model_name: str, recipe) -> str:
     from vmq.vq.recipe import vq_label
@@ -12,18 +14,8 @@ def _default_out(model_name: str, recipe) -> str:
 
 
 @click.command("vq")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML recipe (see configs/vq-*.yaml); default: ViM-VQ, d=2 K=16 (2 bits) on the reference "
-                   "model.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key, e.g. --set vq.codebook.size=64 (repeatable).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Packed file to write; default: <model>-vq-<label>-<method>.safetensors. The resolved recipe "
-                   "is written beside it as <name>.recipe.yaml.")
-@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
-              help="Calibration stats from `vmq calibrate` for this model (skips the statistics pass).")
-@click.option("--no-eval", is_flag=True, help="Skip the floating-point and quantized evaluation.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@compress_options("YAML recipe (see configs/vq-*.yaml); default: ViM-VQ, d=2 K=16 (2 bits) on the reference model.",
+                  "vq.codebook.size=64", "<model>-vq-<label>-<method>.safetensors")
 def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     """Vector-quantize a Vim's weights with a recipe and write one packed .safetensors file.
 
@@ -32,8 +24,6 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
     the vector-quantized model on the recipe's eval set.
     """
     import time
-
-    import torch
 
     from vmq.ops.scan_train import training_scan
     from vmq.recipe import load_recipe

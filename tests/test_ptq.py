@@ -192,8 +192,8 @@ def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):
         assert torch.equal(loaded(x), qmodel(x))
     assert meta["model"]["name"] == "test_vim" and meta["model"]["config"] == model.cfg.to_dict()
     assert meta["recipe"]["quantization"]["method"] == "ptq4vm"
-    assert meta["layers"]["layers.0.mixer.in_proj"] == {"w_bits": 4, "w_strategy": "channel", "a_bits": 8,
-                                                        "a_strategy": "token_static"}
+    assert meta["layers"]["layers.0.mixer.in_proj"] == {"kind": "int", "w_bits": 4, "w_strategy": "channel",
+                                                        "a_bits": 8, "a_strategy": "token_static"}
     from safetensors import safe_open
 
     with safe_open(str(files[0]), framework="pt") as f:

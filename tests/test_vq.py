@@ -233,3 +233,21 @@ def test_vimvq_search_lowers_the_block_loss(tiny):
         reports = vq_model(copy.deepcopy(model), stage, images, stats, batch_size=8, seed=0)
     per_block = {r.name.split(".mixer")[0]: (r.loss_kmeans, r.loss_final) for r in reports}
     assert all(after < before for before, after in per_block.values()), per_block
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_kmeans_assignment_matches_its_reference(weighted):
+    from vmq.ops.kmeans import assign_ref, fused_available
+
+    if not fused_available():
+        pytest.skip("the C++ k-means kernel does not build here (no compiler or ninja)")
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(3000, 4, generator=g), torch.randn(600, 4, generator=g)  # 600: several centroid blocks
+    w = torch.rand(3000, 4, generator=g) if weighted else None
+    codes, dist = assign(x, c, w, return_dist=True, backend="cpu")
+    ref_codes, ref_dist = assign_ref(x, c, w, return_dist=True)
+    assert torch.allclose(dist, ref_dist, atol=1e-4)
+    exact = brute_dist(x.double(), c.double(), None if w is None else w.double())
+    picked = exact.gather(1, codes[:, None]).squeeze(1)
+    assert torch.allclose(picked, exact.min(1).values, atol=1e-4)  # the nearest, up to fp32 rounding
+    assert (codes == ref_codes).float().mean() > 0.999

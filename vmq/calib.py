@@ -1,7 +1,8 @@
 """Calibration, block by block: capture a block's inputs, observe its linear layers, run it.
 
 Vim blocks pass ``(hidden, residual)`` along. :func:`embed_inputs` gives block 0's inputs for a
-set of images; :func:`run_block` gives the next block's inputs; :class:`LinearObserver` records,
+set of images; :func:`run_block` gives the next block's inputs; :func:`blockwise` drives a fit
+(PTQ, VQ) through the blocks in order; :class:`LinearObserver` records,
 for chosen linear layers, what quantization needs of their inputs (:class:`LayerStats`).
 
 :func:`collect_stats` runs the floating-point model over calibration images and keeps, for every
@@ -47,6 +48,55 @@ def run_block(block: nn.Module, inputs: BlockIO, batch_size: int = 32) -> BlockI
         outs_h.append(h)
         outs_r.append(r)
     return torch.cat(outs_h), torch.cat(outs_r)
+
+
+def blockwise(model: nn.Module, images: Tensor, targets: List[str], fit_block: Callable, batch_size: int = 32,
+              train_scan: Optional[Callable] = None, on_block: Optional[Callable[[int, int, str], None]] = None,
+              what: str = "quantized") -> None:
+    """Fit ``model``'s target layers block by block, each block fed the already fitted blocks' outputs.
+
+    For every block holding targets, ``fit_block(index, block, prefix, names, q_io, fp_out)``
+    replaces the layers ``names`` (relative to ``prefix``) in place: ``q_io`` are the block's
+    inputs from the fitted blocks before it, ``fp_out`` the floating-point block's outputs on
+    floating-point inputs. ``train_scan`` (a differentiable one-direction scan) replaces every
+    mixer's scan meanwhile; the model's own scan is restored afterwards.
+    """
+    model.eval()  # no drop-path while calibrating
+    mixers = [b.mixer for b in model.layers]
+    saved_scans = [m.scan_fn for m in mixers]
+    if train_scan is not None:
+        for m in mixers:
+            m.scan_fn = train_scan
+    try:
+        fp_io = embed_inputs(model, images, batch_size)
+        q_io = fp_io
+        for i, block in enumerate(model.layers):
+            prefix = f"layers.{i}."
+            names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
+            fp_out = run_block(block, fp_io, batch_size)
+            if names:
+                fit_block(i, block, prefix, names, q_io, fp_out)
+            q_io = run_block(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
+            if not (torch.isfinite(q_io[0]).all() and torch.isfinite(q_io[1]).all()):
+                raise VmqError(f"{what} block {i} produced NaN or Inf")
+            fp_io = fp_out
+            if on_block is not None:
+                on_block(i + 1, len(model.layers), prefix)
+    finally:
+        for m, fn in zip(mixers, saved_scans):
+            m.scan_fn = fn
+
+
+def check_stats_cover(model: nn.Module, targets: List[str], stats: "CalibStats", token_static: bool) -> None:
+    """The stats hold every target, at the model's token count when activations are per-token static."""
+    missing = [t for t in targets if t not in stats.layers]
+    if missing:
+        raise VmqError(f"the calibration stats have no entry for {missing[0]}")
+    if token_static:
+        tokens = stats.layers[targets[0]].min.shape[0]
+        if tokens != model.cfg.num_tokens:
+            raise VmqError(f"per-token static activations were calibrated on {tokens} tokens but the model "
+                           f"reads {model.cfg.num_tokens}; calibrate at the model's input size")
 
 
 @dataclass

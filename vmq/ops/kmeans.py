@@ -7,15 +7,23 @@ the square gives the assignment as two small matmuls per chunk of points,
 
     dist(x, c) = sum_j w_j x_j^2  -  2 (w * x) . c  +  w . c^2,
 
-so the full N x K distance matrix never exists: at most ``chunk`` x K of it at a time.
+so the full N x K distance matrix never exists: at most ``chunk`` x K of it at a time. That is
+:func:`assign_ref`, the definition; :func:`assign` runs the fused C++ kernel
+(``csrc/cpu/kmeans_assign.cpp``: distances accumulated per block of centroids into a running
+minimum) on fp32 CPU tensors when it builds, and agrees with the reference up to fp32 rounding
+(so an exact tie may resolve to another index).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from vmq.errors import VmqError
+from vmq.ops._cpu_ext import build
 
 CHUNK_ELEMENTS = 1 << 20  # distance-matrix entries per chunk (4 MiB of fp32)
 
@@ -34,8 +42,40 @@ def _check(x: Tensor, w: Optional[Tensor]) -> Optional[Tensor]:
     return w.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _extension():
+    try:
+        return build("vmq_kmeans", "kmeans_assign.cpp")
+    except VmqError:
+        return None
+
+
+def fused_available() -> bool:
+    return _extension() is not None
+
+
 def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
-           return_dist: bool = False):
+           return_dist: bool = False, backend: str = "auto"):
+    """Index of the nearest centroid of every point; (N,) int64 (and the distances with ``return_dist``).
+
+    ``backend``: ``auto`` (the fused kernel for fp32 CPU tensors when it builds, else the
+    reference), ``cpu`` (the fused kernel or an error) or ``ref``.
+    """
+    if backend not in ("auto", "cpu", "ref"):
+        raise ValueError(f"backend must be auto, cpu or ref, got {backend!r}")
+    fused = backend != "ref" and x.device.type == "cpu" and x.dtype == torch.float32 and _extension() is not None
+    if backend == "cpu" and not fused:
+        raise VmqError("the fused k-means kernel needs fp32 CPU tensors and a C++ compiler with ninja")
+    if not fused:
+        return assign_ref(x, centroids, w, chunk, return_dist)
+    w = _check(x, w)
+    codes, dist = _extension().kmeans_assign(x, x.new_empty(0) if w is None else w,
+                                             centroids.to(torch.float32).contiguous())
+    return (codes, dist) if return_dist else codes
+
+
+def assign_ref(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
+               return_dist: bool = False):
     """Index of the nearest centroid of every point, ``chunk`` points at a time; (N,) int64.
 
     With ``return_dist``, also the (weighted) squared distance to it.
@@ -124,11 +164,13 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
 
 def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, seed: int = 0,
            chunk: Optional[int] = None, init: Optional[Tensor] = None,
-           stop_early: bool = True) -> Tuple[Tensor, Tensor]:
+           stop_early: bool = True, backend: str = "ref") -> Tuple[Tensor, Tensor]:
     """Weighted k-means of the rows of ``x``: returns ``(centroids (k, d), codes (N,))``.
 
     ``iterations`` Lloyd steps after k-means++ seeding (or from ``init``), stopping early when no
     assignment changes (unless ``stop_early`` is off). Deterministic for a given ``seed``.
+    ``backend`` picks the assignment (see :func:`assign`); the default stays ``ref`` until the
+    fused kernel meets its speed target (see benchmarks/kmeans_speed.py).
     """
     w = _check(x, w)
     if not torch.isfinite(x).all():
@@ -140,14 +182,14 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
         if init.shape != (k, x.shape[1]):
             raise ValueError(f"init must be ({k}, {x.shape[1]}), got {tuple(init.shape)}")
         centroids = init.to(x.dtype).clone()
-    codes = assign(x, centroids, w, chunk)
+    codes = assign(x, centroids, w, chunk, backend=backend)
     for _ in range(iterations):
         centroids = update_centroids(x, codes, centroids, w)
-        new = assign(x, centroids, w, chunk)
+        new = assign(x, centroids, w, chunk, backend=backend)
         if stop_early and torch.equal(new, codes):
             break
         codes = new
     return centroids, codes
 
 
-__all__ = ["kmeans", "kmeans_pp", "assign", "nearest_k", "update_centroids", "CHUNK_ELEMENTS"]
+__all__ = ["kmeans", "kmeans_pp", "assign", "assign_ref", "fused_available", "nearest_k", "update_centroids", "CHUNK_ELEMENTS"]

@@ -7,9 +7,6 @@ test holds the two together (values and gradients). Building needs a C++ compile
 
 from __future__ import annotations
 
-import functools
-import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,30 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmq.errors import VmqError
+from vmq.ops._cpu_ext import build
 
-_SRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "selective_scan_train.cpp"
-
-
-@functools.lru_cache(maxsize=None)
 def load_extension():
     """Compile (once, cached by torch) and import the training scan extension."""
-    if not _SRC.is_file():
-        raise VmqError(f"training scan source not found at {_SRC}: run from a source checkout of vmq")
-    import logging
-
-    # importing cpp_extension on a CUDA build without a CUDA runtime logs a warning that is
-    # irrelevant here (this extension is CPU-only)
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
-    flags = ["-O3", "-ffast-math", "-fopenmp"]
-    if os.environ.get("VMQ_NATIVE_ARCH", "1") == "1":
-        flags.append("-march=native")
-    try:
-        return cpp_extension.load(name="vmq_scan_train", sources=[str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # compiler or ninja missing
-        raise VmqError(f"could not build the training scan extension ({exc}); install a C++ compiler and "
-                       "`pip install ninja`") from exc
+    return build("vmq_scan_train", "selective_scan_train.cpp")
 
 
 def training_scan():

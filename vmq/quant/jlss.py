@@ -10,7 +10,7 @@ LSQ's gradient scale (see :mod:`vmq.quant.quantizers`).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,17 @@ LOSSES = {
     "mse": relative_mse,
     "cosine+mse": lambda out, target: cosine_loss(out, target) + relative_mse(out, target),
 }
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless batches of sample indices: a random order, walked in steps, reshuffled when a batch
+    would run past its end."""
+    order, pos = torch.randperm(n, generator=generator), 0
+    while True:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
 
 
 def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
@@ -83,14 +94,10 @@ def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen,
         p.requires_grad_(True)
     for q in layers.values():  # LSQ gradient scaling is active in training mode; the rest stays in eval
         q.train()
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+    batches = batch_indices(n, cfg.batch_size, gen)
     try:
         for _ in range(cfg.iterations):
-            if pos + cfg.batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
+            idx = next(batches)
             out, _ = block(hidden[idx], None if residual is None else residual[idx])
             loss = loss_fn(out, target[idx])
             opt.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from vmq.quant.jlss import LOSSES
+from vmq.quant.jlss import LOSSES, batch_indices
 from vmq.vq.convex import ConvexVQLinear, learnable
 from vmq.vq.recipe import Search
 
@@ -61,8 +61,7 @@ def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targ
     logits, codebooks = learnable(layers)
     hidden, residual = inputs
     n = hidden.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(n, generator=gen), 0
+    batches = batch_indices(n, cfg.batch_size, torch.Generator().manual_seed(seed))
     saved = {p: p.requires_grad for p in block.parameters()}
     try:
         for p in block.parameters():
@@ -75,10 +74,7 @@ def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targ
         with torch.enable_grad():
             for stage, steps in enumerate(lengths):
                 for _ in range(steps):
-                    if pos + cfg.batch_size > n:
-                        order, pos = torch.randperm(n, generator=gen), 0
-                    idx = order[pos:pos + cfg.batch_size]
-                    pos += cfg.batch_size
+                    idx = next(batches)
                     out, _ = block(hidden[idx], None if residual is None else residual[idx])
                     loss = loss_fn(out, target[idx])
                     opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from vmq.calib import CalibStats, LinearObserver, embed_inputs, run_block
+from vmq.calib import CalibStats, LinearObserver, blockwise, check_stats_cover, run_block
 from vmq.errors import VmqError
 from vmq.evaluate import snr_db
 from vmq.quant.ptq import resolve_targets, set_module
@@ -32,7 +32,6 @@ from vmq.vq.codebook import Layout, init_codebook
 from vmq.vq.convex import ConvexVQLinear
 from vmq.quant.jlss import LOSSES
 from vmq.vq.incremental import block_loss, search_block
-from vmq.vq.qlinear import VQLinear
 from vmq.vq.recipe import VQStage
 
 SNR_IMAGES = 32
@@ -81,42 +80,16 @@ def vq_model(model: nn.Module, stage: VQStage, images: Tensor, stats: CalibStats
              on_block: Optional[Callable[[int, int, str], None]] = None) -> List[VQLayerReport]:
     """Vector-quantize ``model`` in place (target layers become :class:`VQLinear`); per-layer reports."""
     targets = check_model(model, stage)
-    missing = [t for t in targets if t not in stats.layers]
-    if missing:
-        raise VmqError(f"the calibration stats have no entry for {missing[0]}")
     acts = stage.input_activations
-    if acts is not None and acts.strategy == "token_static":
-        tokens = stats.layers[targets[0]].min.shape[0]
-        if tokens != model.cfg.num_tokens:
-            raise VmqError(f"per-token static activations were calibrated on {tokens} tokens but the model "
-                           f"reads {model.cfg.num_tokens}; calibrate at the model's input size")
+    check_stats_cover(model, targets, stats, acts is not None and acts.strategy == "token_static")
     torch.manual_seed(seed)
-    model.eval()
-    mixers = [b.mixer for b in model.layers]
-    saved_scans = [m.scan_fn for m in mixers]
-    if train_scan is not None:
-        for m in mixers:
-            m.scan_fn = train_scan
     reports: List[VQLayerReport] = []
-    try:
-        fp_io = embed_inputs(model, images, batch_size)
-        q_io = fp_io
-        for i, block in enumerate(model.layers):
-            prefix = f"layers.{i}."
-            names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
-            fp_out = run_block(block, fp_io, batch_size)
-            if names:
-                reports += _vq_block(block, prefix, names, stage, stats, q_io, fp_out[0], model.cfg.num_tokens,
-                                     batch_size, seed + i)
-            q_io = run_block(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
-            if not (torch.isfinite(q_io[0]).all() and torch.isfinite(q_io[1]).all()):
-                raise VmqError(f"vector-quantized block {i} produced NaN or Inf")
-            fp_io = fp_out
-            if on_block is not None:
-                on_block(i + 1, len(model.layers), prefix)
-    finally:
-        for m, fn in zip(mixers, saved_scans):
-            m.scan_fn = fn
+
+    def fit(i, block, prefix, names, q_io, fp_out):
+        reports.extend(_vq_block(block, prefix, names, stage, stats, q_io, fp_out[0], model.cfg.num_tokens,
+                                 batch_size, seed + i))
+
+    blockwise(model, images, targets, fit, batch_size, train_scan, on_block, what="vector-quantized")
     return reports
 
 
