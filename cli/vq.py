@@ -74,8 +74,7 @@ def command(recipe_path, overrides, out, stats_path, no_eval, as_json):
                 "inf" if r.snr_db == float("inf") else f"{r.snr_db:.1f}", f"{r.seconds:.1f}"]
 
     console.emit_table(f"vmq vq: {model.vmq_name} {results['scheme']} {stage.method}", [row(r) for r in reports],
-                       headers=("block", "layer", "codebook", "bits/w codes", "bits/w all", "activations", "SNR dB",
-                                "s"))
+                       headers=("block", "layer", "codebook", "b/w", "b/w+cb", "act", "SNR dB", "s"))
     rows = job.accuracy_rows(fp, q, results)
     rows += [["bits per weight", f"{results['code_bits_per_weight']:.3f} codes, {results['bits_per_weight']:.3f} "
                                  "with codebooks and scales"],

@@ -56,7 +56,8 @@ def test_vq_human_table_and_kmeans_baseline(stats, tmp_path):
     proc = run_vmq("vq", "--recipe", ROOT / "configs" / "vq-2bit-kmeans.yaml", *FAST, "--stats", stats,
                    "--out", tmp_path / "km.safetensors")
     assert proc.returncode == 0, proc.stderr
-    assert "bits/w codes" in proc.stdout and "top-1 quantized" in proc.stdout and "kmeans" in proc.stdout
+    assert "b/w+cb" in proc.stdout and "top-1 quantized" in proc.stdout and "kmeans" in proc.stdout
+    assert "│ dt_proj_b │" in proc.stdout  # the per-layer table fits 80 columns when piped
 
 
 def test_vq_with_static_8bit_activations(stats, tmp_path):
