@@ -87,6 +87,17 @@ def blockwise(model: nn.Module, images: Tensor, targets: List[str], fit_block: C
             m.scan_fn = fn
 
 
+@torch.no_grad()
+def observe_inputs(block: nn.Module, names: List[str], inputs: BlockIO, num_samples: int, batch_size: int = 32,
+                   prefix: str = "") -> Dict[str, Tensor]:
+    """Run the first ``num_samples`` of ``inputs`` through ``block``; the inputs its layers ``names`` saw,
+    each (samples, tokens, channels)."""
+    k = min(num_samples, inputs[0].shape[0])
+    with LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
+        run_block(block, (inputs[0][:k], None if inputs[1] is None else inputs[1][:k]), batch_size)
+    return {n: st.sample_tensor() for n, st in obs.stats.items()}
+
+
 def check_stats_cover(model: nn.Module, targets: List[str], stats: "CalibStats", token_static: bool) -> None:
     """The stats hold every target, at the model's token count when activations are per-token static."""
     missing = [t for t in targets if t not in stats.layers]

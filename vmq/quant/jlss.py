@@ -36,6 +36,19 @@ LOSSES = {
 }
 
 
+def block_loss(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor, loss_fn,
+               batch_size: int) -> float:
+    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples."""
+    hidden, residual = inputs
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], batch_size):
+            r = None if residual is None else residual[i:i + batch_size]
+            out, _ = block(hidden[i:i + batch_size], r)
+            total += loss_fn(out, target[i:i + batch_size]).item() * out.shape[0]
+    return total / hidden.shape[0]
+
+
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless batches of sample indices: a random order, walked in steps, reshuffled when a batch
     would run past its end."""
@@ -54,7 +67,6 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
     Returns the loss over all inputs before and after learning.
     """
     hidden, residual = inputs
-    n = hidden.shape[0]
     scales, smooths = [], []
     for q in layers.values():
         scales.append(q.w_quant.scale)
@@ -70,19 +82,10 @@ def learn_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targe
     gen = torch.Generator().manual_seed(seed)
     loss_fn = LOSSES[cfg.loss]
 
-    def full_loss() -> float:
-        with torch.no_grad():
-            total = 0.0
-            for i in range(0, n, cfg.batch_size):
-                r = None if residual is None else residual[i:i + cfg.batch_size]
-                out, _ = block(hidden[i:i + cfg.batch_size], r)
-                total += loss_fn(out, target[i:i + cfg.batch_size]).item() * out.shape[0]
-            return total / n
-
-    before = full_loss()
+    before = block_loss(block, inputs, target, loss_fn, cfg.batch_size)
     with torch.enable_grad():
         _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg, loss_fn)
-    return before, full_loss()
+    return before, block_loss(block, inputs, target, loss_fn, cfg.batch_size)
 
 
 def _optimise(block, hidden, residual, target, layers, params, scales, opt, gen, cfg, loss_fn) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from vmq.calib import CalibStats, LinearObserver, blockwise, check_stats_cover, run_block
+from vmq.calib import CalibStats, blockwise, check_stats_cover, observe_inputs, run_block
 from vmq.errors import VmqError
 from vmq.evaluate import snr_db
 from vmq.quant.jlss import learn_block
@@ -189,16 +189,13 @@ def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: Quan
 
     samples: Dict[str, Tensor] = {}
     if stage.truncates:  # observe what the quantized blocks before feed these layers, this block in float
-        k = min(stage.truncation.num_images, q_io[0].shape[0])
         for q in layers.values():
             q.quant_enabled = False
         try:
-            with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
-                run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
+            samples = observe_inputs(block, names, q_io, stage.truncation.num_images, batch_size, prefix)
         finally:
             for q in layers.values():
                 q.quant_enabled = True
-        samples = {n: st.sample_tensor() for n, st in obs.stats.items()}
     for name, q in layers.items():
         _init_layer(q, stage, stats.layers[prefix + name], samples.get(name))
     samples.clear()
@@ -213,14 +210,9 @@ def _quantize_block(block: nn.Module, prefix: str, names: List[str], stage: Quan
     for name, f in frozen.items():
         set_module(block, name, f)
     # output SNR of each layer against its floating-point output, on what the quantized model feeds it
-    k = min(SNR_IMAGES, q_io[0].shape[0])
-    with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
-        run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
-    snrs = {}
+    seen = observe_inputs(block, names, q_io, SNR_IMAGES, batch_size, prefix)
     with torch.no_grad():
-        for name in names:
-            x = obs.stats[name].sample_tensor()
-            snrs[name] = snr_db(layers[name].float_forward(x), frozen[name](x))
+        snrs = {name: snr_db(layers[name].float_forward(x), frozen[name](x)) for name, x in seen.items()}
     folded = _fold_smoothing(block, frozen, cfg.resolved_dt_rank)
 
     reports = []

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from vmq.quant.jlss import LOSSES, batch_indices
+from vmq.quant.jlss import LOSSES, batch_indices, block_loss
 from vmq.vq.convex import ConvexVQLinear, learnable
 from vmq.vq.recipe import Search
 
@@ -36,18 +36,6 @@ def confirm(layers: Dict[str, ConvexVQLinear], fraction: float) -> None:
             continue
         conf = q.confidence().masked_fill(q.confirmed, -1.0)
         q.confirm_indices(torch.topk(conf, need).indices)
-
-
-def block_loss(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor, loss_fn,
-               batch_size: int) -> float:
-    hidden, residual = inputs
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, hidden.shape[0], batch_size):
-            r = None if residual is None else residual[i:i + batch_size]
-            out, _ = block(hidden[i:i + batch_size], r)
-            total += loss_fn(out, target[i:i + batch_size]).item() * out.shape[0]
-    return total / hidden.shape[0]
 
 
 def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
@@ -90,4 +78,4 @@ def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], targ
     return before
 
 
-__all__ = ["search_block", "confirm", "stage_lengths", "block_loss"]
+__all__ = ["search_block", "confirm", "stage_lengths"]

@@ -23,19 +23,20 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from vmq.calib import CalibStats, LinearObserver, blockwise, check_stats_cover, run_block
+from vmq.calib import CalibStats, blockwise, check_stats_cover, observe_inputs
 from vmq.errors import VmqError
 from vmq.evaluate import snr_db
+from vmq.quant.jlss import LOSSES, block_loss
 from vmq.quant.ptq import resolve_targets, set_module
+from vmq.quant.recipe import Truncation
 from vmq.quant.truncation import activation_range_search
 from vmq.vq.codebook import Layout, init_codebook
 from vmq.vq.convex import ConvexVQLinear
-from vmq.quant.jlss import LOSSES
-from vmq.vq.incremental import block_loss, search_block
+from vmq.vq.incremental import search_block
 from vmq.vq.recipe import VQStage
 
 SNR_IMAGES = 32
-TRUNCATION = {"p": 2.4, "grid": 100, "num_images": 64}  # the PTQ recipe's defaults, for A8 ranges
+TRUNCATION = Truncation()  # the PTQ recipe's default truncation search, for A8 ranges
 
 
 @dataclass
@@ -118,15 +119,13 @@ def _vq_block(block: nn.Module, prefix: str, names: List[str], stage: VQStage, s
         set_module(block, name, f)
     losses = (before, None if before is None else
               block_loss(block, q_io, target, LOSSES[stage.search.loss], stage.search.batch_size))
-    k = min(SNR_IMAGES, q_io[0].shape[0])
-    with torch.no_grad(), LinearObserver(block, names, keep_samples=k, prefix=prefix) as obs:
-        run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
+    seen = observe_inputs(block, names, q_io, SNR_IMAGES, batch_size, prefix)
     total_weights = sum(f.out_features * f.in_features for f in frozen.values())
     reports = []
     with torch.no_grad():
         for name in names:
             f = frozen[name]
-            x = obs.stats[name].sample_tensor()
+            x = seen[name]
             bits = f.storage_bits()
             reports.append(VQLayerReport(
                 prefix + name, f.dim, f.size, f.weight_codebook.shape[0], bits["weights"],
@@ -144,20 +143,18 @@ def _init_activation_ranges(block: nn.Module, prefix: str, layers: Dict[str, Con
                             batch_size: int) -> None:
     """Static activation ranges by truncation search on the inputs each layer sees when the
     quantized blocks before feed this one (its own weights already k-means VQ)."""
-    k = min(TRUNCATION["num_images"], q_io[0].shape[0])
     saved = {name: q.a_quant for name, q in layers.items()}
     try:
         for q in layers.values():
             q.a_quant = None
-        with LinearObserver(block, list(layers), keep_samples=k, prefix=prefix) as obs:
-            run_block(block, (q_io[0][:k], None if q_io[1] is None else q_io[1][:k]), batch_size)
+        seen = observe_inputs(block, list(layers), q_io, TRUNCATION.num_images, batch_size, prefix)
     finally:
         for name, q in layers.items():
             q.a_quant = saved[name]
     for name, q in layers.items():
         a = q.a_quant
-        lo, hi = activation_range_search(obs.stats[name].sample_tensor(), a.bits, TRUNCATION["p"],
-                                         TRUNCATION["grid"], per_token=a.granularity == "token_static")
+        lo, hi = activation_range_search(seen[name], a.bits, TRUNCATION.p, TRUNCATION.grid,
+                                         per_token=a.granularity == "token_static")
         a.set_range(lo, hi)
 
 
