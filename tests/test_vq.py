@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from vmq.errors import VmqError
-from vmq.ops.kmeans import assign, kmeans, nearest_k, update_centroids
+from vmq.ops.kmeans import (assign, assign_ref, fused_available, kmeans, nearest_k, update_centroids,
+                            update_centroids_ref)
 from vmq.ops.linear import vq_dequantize_ref, vq_linear_ref
 from vmq.pack.bits import pack_unsigned, packed_nbytes, unpack_unsigned
 from vmq.vq.codebook import Layout, importance, init_codebook
@@ -58,11 +59,59 @@ def test_weighted_kmeans_lowers_its_objective_and_is_deterministic():
         kmeans(x, 401)
 
 
-def test_update_centroids_keeps_an_empty_cluster():
+BACKENDS = ["ref", pytest.param("cpu", marks=pytest.mark.skipif(
+    not fused_available(), reason="the fused k-means kernels do not build here (C++ compiler and ninja)"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_centroids_keeps_an_empty_cluster(backend):
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     old = torch.tensor([[0.5, 0.5], [9.0, 9.0]])
-    new = update_centroids(x, torch.tensor([0, 0]), old)
+    new = update_centroids(x, torch.tensor([0, 0]), old, backend=backend)
     assert torch.equal(new[1], old[1]) and torch.allclose(new[0], torch.tensor([0.5, 0.5]))
+    w = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # the second coordinate has no weight: it stays
+    new = update_centroids(x, torch.tensor([0, 0]), old, w, backend=backend)
+    assert torch.allclose(new[0], torch.tensor([0.75, 0.5])) and torch.equal(new[1], old[1])
+
+
+@pytest.mark.skipif(not fused_available(), reason="the fused k-means kernels do not build here")
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_kmeans_kernels_match_their_reference(d, weighted):
+    g = torch.Generator().manual_seed(d)
+    for n, k in ((203, 37), (61, 300)):  # ragged tiles; a K that is no multiple of 8, one over a block of 256
+        x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+        w = torch.rand(n, d, generator=g) if weighted else None
+        exact = brute_dist(x.double(), c.double(), None if w is None else w.double())
+        best = exact.min(1).values
+        codes, dist = assign(x, c, w, return_dist=True, backend="cpu")
+        chosen = exact.gather(1, codes[:, None]).squeeze(1)
+        assert (chosen - best <= 1e-5 * (1 + best)).all()  # nearest up to fp32 rounding
+        assert (codes == exact.argmin(1)).float().mean() > 0.98
+        assert torch.allclose(dist.double(), best, atol=1e-4, rtol=1e-4)
+        ref = update_centroids_ref(x.double(), codes, c.double(), None if w is None else w.double())
+        assert torch.allclose(update_centroids(x, codes, c, w, backend="cpu").double(), ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not fused_available(), reason="the fused k-means kernels do not build here")
+def test_fused_assign_breaks_ties_low_and_ignores_thread_count():
+    c = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0], [5.0, 5.0]] * 70)  # every centroid four times or more
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0], [5.0, 5.0], [3.0, 3.5]]).repeat(50, 1)
+    codes = assign(x, c, backend="cpu")
+    assert torch.equal(codes, assign_ref(x, c)) and set(codes.tolist()) == {0, 1, 3}
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(5000, 4, generator=g), torch.randn(500, 4, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = assign(x, c, return_dist=True, backend="cpu")
+        torch.set_num_threads(2)
+        two = assign(x, c, return_dist=True, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        update_centroids(x, torch.full((5000,), 500), c, backend="cpu")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 11, 12, 16])

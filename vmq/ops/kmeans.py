@@ -9,9 +9,10 @@ the square gives the assignment as two small matmuls per chunk of points,
 
 so the full N x K distance matrix never exists: at most ``chunk`` x K of it at a time. That is
 :func:`assign_ref`, the definition; :func:`assign` runs the fused C++ kernel
-(``csrc/cpu/kmeans_assign.cpp``: distances accumulated per block of centroids into a running
-minimum) on fp32 CPU tensors when it builds, and agrees with the reference up to fp32 rounding
-(so an exact tie may resolve to another index).
+(``csrc/cpu/kmeans_assign.cpp``: distances computed in registers for a few points against 8
+centroids at a time and folded into a running minimum) on fp32 CPU tensors when it builds, and
+agrees with the reference up to fp32 rounding (so a near tie may resolve to another index).
+:func:`update_centroids` likewise has a fused twin (one serial pass, sums in double).
 """
 
 from __future__ import annotations
@@ -54,19 +55,25 @@ def fused_available() -> bool:
     return _extension() is not None
 
 
+def _use_fused(x: Tensor, backend: str) -> bool:
+    """``auto``: the fused kernel for fp32 CPU tensors when it builds; ``cpu``: it or an error; ``ref``: never."""
+    if backend not in ("auto", "cpu", "ref"):
+        raise ValueError(f"backend must be auto, cpu or ref, got {backend!r}")
+    fused = backend != "ref" and x.device.type == "cpu" and x.dtype == torch.float32 and _extension() is not None
+    if backend == "cpu" and not fused:
+        raise VmqError("the fused k-means kernel needs fp32 CPU tensors and a C++ compiler with ninja "
+                       "(pip install ninja)")
+    return fused
+
+
 def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
            return_dist: bool = False, backend: str = "auto"):
     """Index of the nearest centroid of every point; (N,) int64 (and the distances with ``return_dist``).
 
     ``backend``: ``auto`` (the fused kernel for fp32 CPU tensors when it builds, else the
-    reference), ``cpu`` (the fused kernel or an error) or ``ref``.
+    reference), ``cpu`` (the fused kernel or an error) or ``ref`` (:func:`assign_ref`).
     """
-    if backend not in ("auto", "cpu", "ref"):
-        raise ValueError(f"backend must be auto, cpu or ref, got {backend!r}")
-    fused = backend != "ref" and x.device.type == "cpu" and x.dtype == torch.float32 and _extension() is not None
-    if backend == "cpu" and not fused:
-        raise VmqError("the fused k-means kernel needs fp32 CPU tensors and a C++ compiler with ninja")
-    if not fused:
+    if not _use_fused(x, backend):
         return assign_ref(x, centroids, w, chunk, return_dist)
     w = _check(x, w)
     codes, dist = _extension().kmeans_assign(x, x.new_empty(0) if w is None else w,
@@ -150,8 +157,19 @@ def kmeans_pp(x: Tensor, k: int, w: Optional[Tensor] = None, generator: Optional
     return x[idx].clone()
 
 
-def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None) -> Tensor:
-    """The (weighted) mean of each cluster; a cluster with no weight keeps its old centroid."""
+def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None,
+                     backend: str = "auto") -> Tensor:
+    """The (weighted) mean of each cluster, coordinate by coordinate; a coordinate with no weight
+    keeps its old centroid. ``backend`` as for :func:`assign` (``ref``: :func:`update_centroids_ref`)."""
+    if not _use_fused(x, backend):
+        return update_centroids_ref(x, codes, centroids, w)
+    w = _check(x, w)
+    return _extension().kmeans_update(x, x.new_empty(0) if w is None else w, codes.to(torch.int64),
+                                      centroids.to(torch.float32))
+
+
+def update_centroids_ref(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """Reference of :func:`update_centroids`: two ``index_add_`` passes in the points' dtype."""
     w = _check(x, w)
     k, d = centroids.shape
     wx = x if w is None else w * x
@@ -164,13 +182,12 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
 
 def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, seed: int = 0,
            chunk: Optional[int] = None, init: Optional[Tensor] = None,
-           stop_early: bool = True, backend: str = "ref") -> Tuple[Tensor, Tensor]:
+           stop_early: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Weighted k-means of the rows of ``x``: returns ``(centroids (k, d), codes (N,))``.
 
     ``iterations`` Lloyd steps after k-means++ seeding (or from ``init``), stopping early when no
     assignment changes (unless ``stop_early`` is off). Deterministic for a given ``seed``.
-    ``backend`` picks the assignment (see :func:`assign`); the default stays ``ref`` until the
-    fused kernel meets its speed target (see benchmarks/kmeans_speed.py).
+    ``backend`` picks the assignment and update kernels (see :func:`assign`).
     """
     w = _check(x, w)
     if not torch.isfinite(x).all():
@@ -184,7 +201,7 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
         centroids = init.to(x.dtype).clone()
     codes = assign(x, centroids, w, chunk, backend=backend)
     for _ in range(iterations):
-        centroids = update_centroids(x, codes, centroids, w)
+        centroids = update_centroids(x, codes, centroids, w, backend=backend)
         new = assign(x, centroids, w, chunk, backend=backend)
         if stop_early and torch.equal(new, codes):
             break
@@ -192,4 +209,5 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
     return centroids, codes
 
 
-__all__ = ["kmeans", "kmeans_pp", "assign", "assign_ref", "fused_available", "nearest_k", "update_centroids", "CHUNK_ELEMENTS"]
+__all__ = ["kmeans", "kmeans_pp", "assign", "assign_ref", "fused_available", "nearest_k", "update_centroids",
+           "update_centroids_ref", "CHUNK_ELEMENTS"]
