@@ -105,11 +105,13 @@ def test_vq_refuses_other_stats_and_nan_weights(stats, tmp_path):
     assert not (tmp_path / "q.safetensors").exists()
 
 
-def test_vq_same_inputs_same_bytes(stats, tmp_path):
+@pytest.mark.parametrize("recipe", ["vq-2bit", "vq-2bit-a8"])
+def test_vq_same_inputs_same_bytes(stats, tmp_path, recipe):
     outs = []
     for i in range(2):
         out = tmp_path / f"run{i}.safetensors"
-        proc = run_vmq("vq", *FAST, "--stats", stats, "--no-eval", "--out", out)
+        proc = run_vmq("vq", "--recipe", ROOT / "configs" / f"{recipe}.yaml", *FAST, "--stats", stats, "--no-eval",
+                       "--out", out)
         assert proc.returncode == 0, proc.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]

@@ -300,3 +300,24 @@ def test_fused_kmeans_assignment_matches_its_reference(weighted):
     picked = exact.gather(1, codes[:, None]).squeeze(1)
     assert torch.allclose(picked, exact.min(1).values, atol=1e-4)  # the nearest, up to fp32 rounding
     assert (codes == ref_codes).float().mean() > 0.999
+
+
+def test_convex_layer_gradients_are_bitwise_repeatable():
+    # advanced indexing's backward adds into the codebook with parallel atomics on CPU, so its
+    # sums change order from run to run; the layer must gather with index_select instead
+    lin, q = _layer(out=256, inp=512, cb=Codebook(dim=2, size=16))
+    q.start_search(4)
+    q.confirm_indices(torch.arange(0, q.layout.num_subvectors, 2))  # half confirmed, half soft
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    grads = set()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(6):
+            q.codebook.grad, q.logits.grad = None, None
+            q.codebook.requires_grad_(True)
+            q(x).square().sum().backward()
+            grads.add((q.codebook.grad.numpy().tobytes(), q.logits.grad.numpy().tobytes()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1

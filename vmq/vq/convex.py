@@ -31,6 +31,15 @@ FIT_STEPS = 100
 FIT_LR = 0.1
 
 
+def rows(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[idx]`` for a 2-D table, with a backward that sums in a fixed order.
+
+    (Advanced indexing's backward on CPU adds into the table with parallel atomics, so the
+    codebook gradient, and everything learnt from it, would change from run to run.)
+    """
+    return table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, table.shape[-1])
+
+
 class ConvexVQLinear(nn.Module):
     """A linear layer with VQ weights that can be soft (convex combinations) while it learns."""
 
@@ -58,12 +67,12 @@ class ConvexVQLinear(nn.Module):
 
     # -- the weight ---------------------------------------------------------------------------
     def subvectors(self) -> Tensor:
-        sub = self.codebook[self.code]
+        sub = rows(self.codebook, self.code)
         if self.logits is None or bool(self.confirmed.all()):
             return sub
         soft = (~self.confirmed).nonzero().squeeze(1)
-        p = torch.softmax(self.logits[soft], dim=-1)
-        mixed = (p.unsqueeze(-1) * self.codebook[self.candidates[soft]]).sum(1)
+        p = torch.softmax(self.logits.index_select(0, soft), dim=-1)
+        mixed = (p.unsqueeze(-1) * rows(self.codebook, self.candidates.index_select(0, soft))).sum(1)
         return sub.index_put((soft,), mixed)
 
     def weight(self) -> Tensor:
