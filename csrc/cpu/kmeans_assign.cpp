@@ -136,7 +136,7 @@ void assign_points(const Problem& g, int64_t i0, float* buf) {
 
 template <int D, bool W>
 void assign_all(const Problem& g, int64_t n) {
-  constexpr int P = D == 0 ? 1 : (D <= 4 ? 4 : 2);  // points per tile
+  constexpr int P = D == 0 ? 1 : (D <= 2 ? 4 : 2);  // points per tile
   at::parallel_for(0, (n + P - 1) / P, 64, [&](int64_t t0, int64_t t1) {
     alignas(64) float buf[P * kBlock];
     for (int64_t t = t0; t < t1; ++t) {
