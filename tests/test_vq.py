@@ -75,11 +75,12 @@ def test_update_centroids_keeps_an_empty_cluster(backend):
 
 
 @pytest.mark.skipif(not fused_available(), reason="the fused k-means kernels do not build here")
-@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 16])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_kmeans_kernels_match_their_reference(d, weighted):
     g = torch.Generator().manual_seed(d)
-    for n, k in ((203, 37), (61, 300)):  # ragged tiles; a K that is no multiple of 8, one over a block of 256
+    # ragged tiles; K below 8, not a multiple of 8, over one block of 256
+    for n, k in ((203, 37), (61, 300), (9, 1), (30, 5)):
         x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
         w = torch.rand(n, d, generator=g) if weighted else None
         exact = brute_dist(x.double(), c.double(), None if w is None else w.double())
@@ -112,6 +113,30 @@ def test_fused_assign_breaks_ties_low_and_ignores_thread_count():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     with pytest.raises(RuntimeError, match="out of range"):
         update_centroids(x, torch.full((5000,), 500), c, backend="cpu")
+    # a point's result does not depend on where it falls in the tiling (a full tile or the tail)
+    for d in (2, 4, 5, 8):
+        xs, cs = torch.randn(203, d, generator=g), torch.randn(37, d, generator=g)
+        full = assign(xs, cs, return_dist=True, backend="cpu")
+        for cut in (202, 201, 199):
+            part = assign(xs[:cut], cs, return_dist=True, backend="cpu")
+            assert torch.equal(part[0], full[0][:cut]) and torch.equal(part[1], full[1][:cut])
+
+
+@pytest.mark.skipif(not fused_available(), reason="the fused k-means kernels do not build here")
+def test_fused_kmeans_takes_what_the_reference_takes():
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(8, 40, generator=g).t(), torch.randn(6, 8, generator=g)  # non-contiguous points
+    w = torch.rand(8, generator=g)  # one weight per coordinate, for every point
+    codes = assign(x, c, w, backend="cpu")
+    assert torch.equal(codes, assign(x.contiguous(), c, w.expand(40, 8).contiguous(), backend="cpu"))
+    assert torch.equal(codes, assign_ref(x.double(), c.double(), w.double()))
+    new = update_centroids(x, codes.to(torch.int32), c, w, backend="cpu")
+    assert torch.allclose(new.double(), update_centroids_ref(x.double(), codes, c.double(), w.double()), atol=1e-6)
+    empty = torch.empty(0, 8)
+    assert assign(empty, c, backend="cpu").shape == (0,)
+    assert torch.equal(update_centroids(empty, torch.empty(0, dtype=torch.int64), c, backend="cpu"), c)
+    with pytest.raises(ValueError, match="NaN"):
+        assign(torch.full((3, 8), float("nan")), c, backend="cpu")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 11, 12, 16])

@@ -10,7 +10,8 @@
 // small buffer while a running vector minimum is kept; only when a block beats the best so far is
 // the buffer searched for its first index. No N x K matrix exists; ties go to the lowest index.
 // Every point's value is the same sequence of operations whatever the tiling or thread count, so
-// the result does not depend on either.
+// the result does not depend on either (the file is built without -ffast-math, which would let
+// the compiler reassociate the sums differently in the P-point and the 1-point versions).
 //
 // Update. Each cluster's (weighted) mean, coordinate by coordinate, accumulated in double in point
 // order (one pass, serial: deterministic); a coordinate with no weight keeps the old centroid.
@@ -58,7 +59,7 @@ inline int64_t first_equal(const float* v, int64_t n, float m) {
 }
 
 struct Problem {
-  int64_t d, kp;        // dimension; number of centroids padded to a multiple of kLanes
+  int64_t d, k, kp;     // dimension; number of centroids, and that padded to a multiple of kLanes
   const float* x;       // (n, d)
   const float* w;       // (n, d) or null
   const float* ct;      // (d, kp) centroids, transposed; padding columns 0
@@ -69,16 +70,15 @@ struct Problem {
 };
 
 // Points i0 .. i0+P-1. D > 0: the dimension as a constant (unrolled); D == 0: g.d at run time.
+// buf: P * kBlock floats; coef_rt: 2 * P * d floats (run-time dimension only).
 template <int D, int P, bool W>
-void assign_points(const Problem& g, int64_t i0, float* buf) {
+void assign_points(const Problem& g, int64_t i0, float* buf, float* coef_rt) {
   const int64_t d = D > 0 ? D : g.d;
   constexpr int kMaxUnrolled = 8;
   constexpr int DC = D > 0 ? D : kMaxUnrolled;  // coefficient slots held in registers
   float xx[P], best[P];
   int64_t arg[P];
-  std::vector<float> coef_rt;  // run-time dimension only: -2 w x and w per point
   vec8 v2[P][DC], vw[P][W ? DC : 1];
-  if (D == 0) coef_rt.resize(2 * P * d);
   for (int p = 0; p < P; ++p) {
     const float* xi = g.x + (i0 + p) * d;
     const float* wi = W ? g.w + (i0 + p) * d : nullptr;
@@ -129,7 +129,7 @@ void assign_points(const Problem& g, int64_t i0, float* buf) {
     }
   }
   for (int p = 0; p < P; ++p) {
-    g.codes[i0 + p] = arg[p];
+    g.codes[i0 + p] = std::min(arg[p], g.k - 1);  // a padding column can only win on absurd (>1e30) distances
     g.dist[i0 + p] = std::max(best[p] + xx[p], 0.0f);
   }
 }
@@ -139,12 +139,13 @@ void assign_all(const Problem& g, int64_t n) {
   constexpr int P = D == 0 ? 1 : (D <= 2 ? 4 : 2);  // points per tile
   at::parallel_for(0, (n + P - 1) / P, 64, [&](int64_t t0, int64_t t1) {
     alignas(64) float buf[P * kBlock];
+    std::vector<float> coef_rt(D == 0 ? 2 * P * g.d : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * P;
       if (i0 + P <= n) {
-        assign_points<D, P, W>(g, i0, buf);
+        assign_points<D, P, W>(g, i0, buf, coef_rt.data());
       } else {
-        for (int64_t i = i0; i < n; ++i) assign_points<D, 1, W>(g, i, buf);
+        for (int64_t i = i0; i < n; ++i) assign_points<D, 1, W>(g, i, buf, coef_rt.data());
       }
     }
   });
@@ -170,7 +171,8 @@ void check_points(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c,
               ": points (N, D) and centroids (K, D) expected");
   TORCH_CHECK(x.size(1) >= 1 && c.size(0) >= 1, op, ": at least one dimension and one centroid");
   if (w.numel() > 0) {
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.sizes() == x.sizes(), op, ": weights shaped like points");
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.sizes() == x.sizes(), op,
+                ": float32 CPU weights shaped like the points expected");
   }
 }
 
@@ -192,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::
   }
   at::Tensor codes = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({n}, x.options());
-  const Problem g{d, kp, xc.data_ptr<float>(), weighted ? wc.data_ptr<float>() : nullptr, ct.data_ptr<float>(),
+  const Problem g{d, k, kp, xc.data_ptr<float>(), weighted ? wc.data_ptr<float>() : nullptr, ct.data_ptr<float>(),
                   ct2.data_ptr<float>(), base.data_ptr<float>(), codes.data_ptr<int64_t>(), dist.data_ptr<float>()};
   if (weighted) {
     dispatch<true>(g, n);
@@ -204,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::
 
 at::Tensor kmeans_update(const at::Tensor& x, const at::Tensor& w, const at::Tensor& codes, const at::Tensor& c) {
   check_points(x, w, c, "kmeans_update");
-  TORCH_CHECK(codes.scalar_type() == at::kLong && codes.dim() == 1 && codes.size(0) == x.size(0),
-              "kmeans_update: codes (N,) int64 expected");
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kLong && codes.dim() == 1 &&
+                  codes.size(0) == x.size(0),
+              "kmeans_update: codes (N,) int64 on the CPU expected");
   const bool weighted = w.numel() > 0;
   const int64_t n = x.size(0), d = x.size(1), k = c.size(0);
   const at::Tensor xc = x.contiguous(), cc = c.contiguous(), codes_c = codes.contiguous();

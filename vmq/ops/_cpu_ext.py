@@ -12,8 +12,12 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 
 
 @functools.lru_cache(maxsize=None)
-def build(name: str, source: str):
-    """Compile ``csrc/cpu/<source>`` as the module ``name`` and import it; VmqError with the fix if it cannot."""
+def build(name: str, source: str, fast_math: bool = True):
+    """Compile ``csrc/cpu/<source>`` as the module ``name`` and import it; VmqError with the fix if it cannot.
+
+    ``fast_math=False`` keeps IEEE evaluation order (multiply-adds are still fused), for kernels
+    whose results must not depend on how the compiler reassociates their sums.
+    """
     src = CSRC / source
     if not src.is_file():
         raise VmqError(f"extension source not found at {src}: run from a source checkout of vmq")
@@ -24,7 +28,7 @@ def build(name: str, source: str):
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-ffast-math", "-fopenmp"]
+    flags = ["-O3", "-ffast-math" if fast_math else "-ffp-contract=fast", "-fopenmp"]
     if os.environ.get("VMQ_NATIVE_ARCH", "1") == "1":
         flags.append("-march=native")
     try:

@@ -46,7 +46,7 @@ def _check(x: Tensor, w: Optional[Tensor]) -> Optional[Tensor]:
 @functools.lru_cache(maxsize=None)
 def _extension():
     try:
-        return build("vmq_kmeans", "kmeans_assign.cpp")
+        return build("vmq_kmeans", "kmeans_assign.cpp", fast_math=False)
     except VmqError:
         return None
 
@@ -76,6 +76,8 @@ def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Opti
     if not _use_fused(x, backend):
         return assign_ref(x, centroids, w, chunk, return_dist)
     w = _check(x, w)
+    if not torch.isfinite(x).all():
+        raise ValueError("points hold NaN or Inf")
     codes, dist = _extension().kmeans_assign(x, x.new_empty(0) if w is None else w,
                                              centroids.to(torch.float32).contiguous())
     return (codes, dist) if return_dist else codes
