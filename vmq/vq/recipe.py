@@ -8,7 +8,7 @@ Grammar (one stage with ``targets``, ``ignore``, as in the PTQ recipe)::
       ignore: []
       codebook: {dim: 2, size: 16, rows_per_group: null, row_scale: false}
       kmeans: {iterations: 50, importance: true}
-      search: {candidates: 4, iterations: 300, batch_size: 32, lr_logits: 0.05, lr_codebook: 1e-4, loss: mse}
+      search: {candidates: 4, iterations: 300, batch_size: 16, lr_logits: 0.05, lr_codebook: 1e-4, loss: mse}
       confirm: {schedule: [0.5, 0.75, 0.9, 0.97, 1.0]}
       input_activations: null   # or {num_bits: 8, strategy: token_static}
 
@@ -76,7 +76,7 @@ class Search(StrictModel):
     candidates: int = Field(4, ge=2, le=64, description="nearest codewords each sub-vector mixes")
     iterations: int = Field(300, ge=2, description="optimisation steps per block, split evenly over the "
                                                      "confirmation stages plus a last codebook-only stage")
-    batch_size: int = Field(32, ge=1, description="images per step (cycling over the calibration set)")
+    batch_size: int = Field(16, ge=1, description="images per step (cycling over the calibration set)")
     lr_logits: float = Field(5e-2, gt=0.0, description="learning rate of the combination logits")
     lr_codebook: float = Field(1e-4, gt=0.0, description="learning rate of the codewords")
     loss: Literal["cosine", "mse", "cosine+mse"] = Field("mse", description="block-output loss (as in JLSS)")
