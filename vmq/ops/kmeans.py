@@ -78,9 +78,19 @@ def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Opti
     w = _check(x, w)
     if not torch.isfinite(x).all():
         raise ValueError("points hold NaN or Inf")
-    codes, dist = _extension().kmeans_assign(x, x.new_empty(0) if w is None else w,
-                                             centroids.to(torch.float32).contiguous())
+    codes, dist = _assign_fused(x, centroids, w)
     return (codes, dist) if return_dist else codes
+
+
+def _assign_fused(x: Tensor, centroids: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The fused kernel on points and weights already checked (finite, weights non-negative and shaped)."""
+    return _extension().kmeans_assign(x, x.new_empty(0) if w is None else w, centroids.to(torch.float32).contiguous())
+
+
+def _update_fused(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor]) -> Tensor:
+    """The fused update on points and weights already checked."""
+    return _extension().kmeans_update(x, x.new_empty(0) if w is None else w, codes.to(torch.int64),
+                                      centroids.to(torch.float32))
 
 
 def assign_ref(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
@@ -165,9 +175,7 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
     keeps its old centroid. ``backend`` as for :func:`assign` (``ref``: :func:`update_centroids_ref`)."""
     if not _use_fused(x, backend):
         return update_centroids_ref(x, codes, centroids, w)
-    w = _check(x, w)
-    return _extension().kmeans_update(x, x.new_empty(0) if w is None else w, codes.to(torch.int64),
-                                      centroids.to(torch.float32))
+    return _update_fused(x, codes, centroids, _check(x, w))
 
 
 def update_centroids_ref(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None) -> Tensor:
@@ -201,10 +209,15 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
         if init.shape != (k, x.shape[1]):
             raise ValueError(f"init must be ({k}, {x.shape[1]}), got {tuple(init.shape)}")
         centroids = init.to(x.dtype).clone()
-    codes = assign(x, centroids, w, chunk, backend=backend)
+    # points and weights are checked once above, not in every iteration
+    if _use_fused(x, backend):
+        step_assign, step_update = (lambda c: _assign_fused(x, c, w)[0]), _update_fused
+    else:
+        step_assign, step_update = (lambda c: assign_ref(x, c, w, chunk)), update_centroids_ref
+    codes = step_assign(centroids)
     for _ in range(iterations):
-        centroids = update_centroids(x, codes, centroids, w, backend=backend)
-        new = assign(x, centroids, w, chunk, backend=backend)
+        centroids = step_update(x, codes, centroids, w)
+        new = step_assign(centroids)
         if stop_early and torch.equal(new, codes):
             break
         codes = new
