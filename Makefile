@@ -4,18 +4,30 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+EXT    := $(VENV)/.extension
+CSRC   := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 DATA   ?= ../shared/data/cifar10
 
-.PHONY: install demo test reference-model bench clean
+.PHONY: install extension demo test reference-model bench clean
 
-install: $(STAMP)
+install: $(EXT)
 
+# The Python package (editable); the native extension is built by the next rule.
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt "setuptools>=70" wheel ninja
+	VMQ_NO_EXTENSION=1 $(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+# vmq._C from csrc/ (CPU kernels; CUDA kernels too where torch is a CUDA build and nvcc is found),
+# rebuilt incrementally when a source changes.
+$(EXT): $(STAMP) $(CSRC)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $(EXT)
+
+extension: $(EXT)
 
 # The main job: quantize the shipped reference model (PTQ4VM W4A8) and evaluate the packed file.
 demo: install

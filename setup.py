@@ -1,3 +1,25 @@
+"""Install vmq and build its native extension ``vmq._C`` from ``csrc/``.
+
+``csrc/cpu/*.cpp`` is always compiled. ``csrc/cuda/*.cu`` (with the ``.cpp`` bindings beside
+them) is compiled too when torch is a CUDA build and a CUDA toolkit is found. Environment:
+
+* ``VMQ_BUILD_CUDA``: ``auto`` (default), ``1`` (fail without a toolkit) or ``0`` (CPU only).
+* ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;8.6;8.9;9.0``).
+* ``CUDA_HOME``: the toolkit root; when unset, the root of the ``nvcc`` on PATH (followed through
+  wrapper scripts) or ``/usr/local/cuda``.
+* ``VMQ_NATIVE_ARCH``: ``1`` (default) compiles the CPU kernels for this machine's processor
+  (``-march=native``); ``0`` for a portable build.
+* ``VMQ_NO_EXTENSION=1``: install the pure-PyTorch package only (every op then runs its
+  reference twin).
+
+The build needs torch at build time: ``pip install --no-build-isolation -e .``
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -5,6 +27,79 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 version = {}
 exec((ROOT / "vmq" / "__init__.py").read_text(), version)
+
+
+def _is_toolkit(root: Path) -> bool:
+    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file()
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None. ``which nvcc`` may be a wrapper script in /usr/local/bin."""
+    if os.environ.get("CUDA_HOME"):
+        root = Path(os.environ["CUDA_HOME"])
+        if not _is_toolkit(root):
+            sys.exit(f"CUDA_HOME={root} holds no bin/nvcc and include/cuda_runtime.h")
+        return root
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+        try:  # a wrapper script: ask the real compiler where it lives
+            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+            if m:
+                candidates.append(Path(m.group(1)))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if _is_toolkit(root):
+            return root.resolve()
+    return None
+
+
+def extensions():
+    if os.environ.get("VMQ_NO_EXTENSION") == "1":
+        return [], {}
+    want_cuda = os.environ.get("VMQ_BUILD_CUDA", "auto")
+    if want_cuda not in ("auto", "0", "1"):
+        sys.exit(f"VMQ_BUILD_CUDA must be auto, 0 or 1, got {want_cuda!r}")
+    cuda_home = None
+    if want_cuda != "0":
+        cuda_home = find_cuda_home()
+        if cuda_home is not None:
+            # torch reads CUDA_HOME when cpp_extension is first imported
+            os.environ["CUDA_HOME"] = str(cuda_home)
+    import torch
+    from torch.utils import cpp_extension
+
+    build_cuda = want_cuda != "0" and torch.version.cuda is not None and cuda_home is not None
+    if want_cuda == "1" and not build_cuda:
+        sys.exit("VMQ_BUILD_CUDA=1 but " + ("torch is a CPU-only build" if torch.version.cuda is None
+                                             else "no CUDA toolkit was found (set CUDA_HOME)"))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+
+    cxx = ["-O3", "-ffp-contract=fast", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("VMQ_NATIVE_ARCH", "1") == "1":
+        cxx.append("-march=native")
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    common = dict(include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"])
+    if build_cuda:
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension("vmq._C", sources, define_macros=[("VMQ_WITH_CUDA", "1")],
+                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
+    else:
+        ext = cpp_extension.CppExtension("vmq._C", sources, extra_compile_args={"cxx": cxx}, **common)
+    print(f"vmq: building vmq._C with {'CPU and CUDA' if build_cuda else 'CPU'} kernels"
+          + (f" (CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if build_cuda else ""),
+          file=sys.stderr)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="vmq",
@@ -16,6 +111,8 @@ setup(
     packages=find_packages(include=["vmq", "vmq.*"]) + ["vmq_cli"],
     package_dir={"vmq_cli": "cli"},
     package_data={"vmq.assets": ["*.safetensors", "*.npz", "*.md", "*.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

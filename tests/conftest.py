@@ -14,6 +14,13 @@ FIXTURES = SHARED / "fixtures"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    if os.environ.get("VMQ_REQUIRE_NATIVE") == "1":
+        from vmq.ops import _library
+
+        if _library.NATIVE is None:
+            raise pytest.UsageError(f"VMQ_REQUIRE_NATIVE=1 but vmq._C is {_library.NATIVE_ERROR}")
+        if os.environ.get("VMQ_BUILD_CUDA") == "1" and not _library.NATIVE.cuda_built:
+            raise pytest.UsageError("VMQ_BUILD_CUDA=1 but vmq._C was built without its CUDA kernels")
 
 
 def pytest_collection_modifyitems(config, items):

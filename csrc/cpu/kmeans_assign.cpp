@@ -15,10 +15,12 @@
 //
 // Update. Each cluster's (weighted) mean, coordinate by coordinate, accumulated in double in point
 // order (one pass, serial: deterministic); a coordinate with no weight keeps the old centroid.
-#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cfloat>
+#include <optional>
 #include <tuple>
 #include <vector>
 #ifdef __AVX__
@@ -176,7 +178,9 @@ void check_points(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c) {
+std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const std::optional<at::Tensor>& w_opt,
+                                                  const at::Tensor& c) {
+  const at::Tensor w = w_opt.has_value() ? *w_opt : at::empty({0}, x.options());
   check_points(x, w, c, "kmeans_assign");
   const bool weighted = w.numel() > 0;
   const int64_t n = x.size(0), d = x.size(1), k = c.size(0);
@@ -204,7 +208,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::
   return {codes, dist};
 }
 
-at::Tensor kmeans_update(const at::Tensor& x, const at::Tensor& w, const at::Tensor& codes, const at::Tensor& c) {
+at::Tensor kmeans_update(const at::Tensor& x, const std::optional<at::Tensor>& w_opt, const at::Tensor& codes,
+                         const at::Tensor& c) {
+  const at::Tensor w = w_opt.has_value() ? *w_opt : at::empty({0}, x.options());
   check_points(x, w, c, "kmeans_update");
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kLong && codes.dim() == 1 &&
                   codes.size(0) == x.size(0),
@@ -247,7 +253,7 @@ at::Tensor kmeans_update(const at::Tensor& x, const at::Tensor& w, const at::Ten
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("kmeans_assign", &kmeans_assign, "nearest centroid and its (weighted) squared distance, fp32 CPU");
-  m.def("kmeans_update", &kmeans_update, "(weighted) mean of each cluster, fp32 CPU, accumulated in double");
+TORCH_LIBRARY_IMPL(vmq, CPU, m) {
+  m.impl("kmeans_assign", &kmeans_assign);
+  m.impl("kmeans_update", &kmeans_update);
 }

@@ -17,14 +17,13 @@ agrees with the reference up to fp32 rounding (so a near tie may resolve to anot
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from vmq.errors import VmqError
-from vmq.ops._cpu_ext import build
+from vmq.ops import _library
+from vmq.ops.backend import use_native
 
 CHUNK_ELEMENTS = 1 << 20  # distance-matrix entries per chunk (4 MiB of fp32)
 
@@ -43,27 +42,13 @@ def _check(x: Tensor, w: Optional[Tensor]) -> Optional[Tensor]:
     return w.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _extension():
-    try:
-        return build("vmq_kmeans", "kmeans_assign.cpp", fast_math=False)
-    except VmqError:
-        return None
-
-
 def fused_available() -> bool:
-    return _extension() is not None
+    return _library.has_kernel("kmeans_assign", "cpu")
 
 
 def _use_fused(x: Tensor, backend: str) -> bool:
-    """``auto``: the fused kernel for fp32 CPU tensors when it builds; ``cpu``: it or an error; ``ref``: never."""
-    if backend not in ("auto", "cpu", "ref"):
-        raise ValueError(f"backend must be auto, cpu or ref, got {backend!r}")
-    fused = backend != "ref" and x.device.type == "cpu" and x.dtype == torch.float32 and _extension() is not None
-    if backend == "cpu" and not fused:
-        raise VmqError("the fused k-means kernel needs fp32 CPU tensors and a C++ compiler with ninja "
-                       "(pip install ninja)")
-    return fused
+    """``auto``: the compiled kernel for fp32 tensors when there is one; ``cpu``/``cuda``: it or an error; ``ref``: never."""
+    return use_native("kmeans_assign", x, backend, takes=x.dtype == torch.float32, why="takes float32 points only")
 
 
 def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
@@ -84,13 +69,12 @@ def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Opti
 
 def _assign_fused(x: Tensor, centroids: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """The fused kernel on points and weights already checked (finite, weights non-negative and shaped)."""
-    return _extension().kmeans_assign(x, x.new_empty(0) if w is None else w, centroids.to(torch.float32).contiguous())
+    return torch.ops.vmq.kmeans_assign(x, w, centroids.to(torch.float32).contiguous())
 
 
 def _update_fused(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor]) -> Tensor:
     """The fused update on points and weights already checked."""
-    return _extension().kmeans_update(x, x.new_empty(0) if w is None else w, codes.to(torch.int64),
-                                      centroids.to(torch.float32))
+    return torch.ops.vmq.kmeans_update(x, w, codes.to(torch.int64), centroids.to(torch.float32))
 
 
 def assign_ref(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,

@@ -1,8 +1,9 @@
-"""A trainable fused CPU selective scan (forward and backward in C++), built on first use.
+"""A trainable fused CPU selective scan (forward and backward in C++: ``vmq::scan_train_fwd/bwd``).
 
-Used to train vmq's reference models on a CPU, where the reference time loop's autograd graph
-is far too slow. It has the exact contract of :func:`vmq.ops.scan.selective_scan_ref`, and a
-test holds the two together (values and gradients). Building needs a C++ compiler and ninja.
+Used to train vmq's reference models on a CPU, and by JLSS and the VQ search, where the
+reference time loop's autograd graph is far too slow. It has the exact contract of
+:func:`vmq.ops.scan.selective_scan_ref`, and a test holds the two together (values and
+gradients). It needs the compiled extension ``vmq._C``.
 """
 
 from __future__ import annotations
@@ -14,33 +15,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmq.errors import VmqError
-from vmq.ops._cpu_ext import build
+from vmq.ops import _library
+from vmq.ops.backend import BUILD_FIX, native_status
 
-def load_extension():
-    """Compile (once, cached by torch) and import the training scan extension."""
-    return build("vmq_scan_train", "selective_scan_train.cpp")
+
+def available() -> bool:
+    return _library.has_kernel("scan_train_fwd", "cpu")
 
 
 def training_scan():
-    """The fused differentiable CPU scan when it builds here, else None (callers fall back to the reference)."""
-    try:
-        load_extension()
-    except VmqError:
-        return None
-    return selective_scan_fused_cpu
+    """The fused differentiable CPU scan when it is built, else None (callers fall back to the reference)."""
+    return selective_scan_fused_cpu if available() else None
 
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        ext = load_extension()
         ctx.save_for_backward(u, delta, A, B, C)
-        return ext.fwd(u, delta, A, B, C)
+        return torch.ops.vmq.scan_train_fwd(u, delta, A, B, C)
 
     @staticmethod
     def backward(ctx, gy):
-        ext = load_extension()
-        return tuple(ext.bwd(*ctx.saved_tensors, gy))
+        return tuple(torch.ops.vmq.scan_train_bwd(*ctx.saved_tensors, gy.contiguous()))
 
 
 def selective_scan_fused_cpu(
@@ -54,6 +50,8 @@ def selective_scan_fused_cpu(
     delta_softplus: bool = False,
 ) -> Tensor:
     """Same contract as ``selective_scan_ref``; differentiable in every input."""
+    if not available():
+        raise VmqError(f"the fused training scan needs vmq._C, which is {native_status()}: {BUILD_FIX}")
     dtype_in = u.dtype
     u, delta, A = u.float().contiguous(), delta.float(), A.float().contiguous()
     if delta_softplus:

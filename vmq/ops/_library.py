@@ -1,0 +1,104 @@
+"""The ``vmq`` operator library: every native kernel's schema and fake implementation, declared once.
+
+The CPU and CUDA implementations register themselves from the compiled extension ``vmq._C``
+(``TORCH_LIBRARY_IMPL(vmq, CPU | CUDA, m)`` in ``csrc/``); importing this module declares the
+schemas first, then loads the extension when it is built. Each op has a pure-PyTorch ``_ref``
+twin in :mod:`vmq.ops` that defines its arithmetic; the fake implementations below give output
+shapes, dtypes and strides only (for ``torch.compile`` and ``torch.library.opcheck``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SCHEMAS = {
+    # the trainable one-direction scan's core recurrence (vmq.ops.scan_train)
+    "scan_train_fwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C) -> Tensor",
+    "scan_train_bwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor grad_y) "
+                      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # k-means for VQ codebooks (vmq.ops.kmeans)
+    "kmeans_assign": "(Tensor x, Tensor? w, Tensor centroids) -> (Tensor, Tensor)",
+    "kmeans_update": "(Tensor x, Tensor? w, Tensor codes, Tensor centroids) -> Tensor",
+    # both scan directions of a bimamba v2 mixer in one call, optionally on int8 u / delta (vmq.ops.scan)
+    "bidirectional_scan": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+                          "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, "
+                          "Tensor? z, Tensor? u_scale, Tensor? delta_scale, Tensor? u_b_scale, "
+                          "Tensor? delta_b_scale, bool delta_softplus, bool divide_out) -> Tensor",
+    # per-token activation quantization (vmq.ops.quantize)
+    "quantize_per_token": "(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor",
+    # integer linear layers (vmq.ops.linear)
+    "int8_linear": "(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor w_q, Tensor w_scale, Tensor? bias, "
+                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits) -> Tensor",
+}
+
+_LIB = torch.library.Library("vmq", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_name + _schema)
+
+
+@torch.library.register_fake("vmq::scan_train_fwd")
+def _(u, delta, A, B, C):
+    return torch.empty_like(u)
+
+
+@torch.library.register_fake("vmq::scan_train_bwd")
+def _(u, delta, A, B, C, grad_y):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C))
+
+
+@torch.library.register_fake("vmq::kmeans_assign")
+def _(x, w, centroids):
+    n = x.shape[0]
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n)
+
+
+@torch.library.register_fake("vmq::kmeans_update")
+def _(x, w, codes, centroids):
+    return torch.empty_like(centroids, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("vmq::bidirectional_scan")
+def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale, delta_scale, u_b_scale,
+      delta_b_scale, delta_softplus, divide_out):
+    b, d, l = u.shape
+    # token-major storage, (batch, d_inner, seqlen) view: what out_proj consumes next
+    return u.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2)
+
+
+@torch.library.register_fake("vmq::quantize_per_token")
+def _(x, scale, zero_point, bits):
+    return x.new_empty(x.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("vmq::int8_linear")
+def _(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits):
+    shape = (*x_q.shape[:-1], w_q.shape[0])
+    return x_q.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
+
+
+def _load_native():
+    """Import ``vmq._C`` (registering its kernels): ``(module, None)`` or ``(None, why not)``."""
+    try:
+        return importlib.import_module("vmq._C"), None
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "vmq._C":
+            return None, "not built"
+        return None, f"built but does not load ({exc})"
+
+
+NATIVE, NATIVE_ERROR = _load_native()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
+    return NATIVE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())
+
+
+def ops() -> Tensor:
+    """``torch.ops.vmq``: the op namespace."""
+    return torch.ops.vmq
