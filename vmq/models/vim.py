@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vmq.ops.scan import bidirectional_scan_ref, selective_scan
+from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref, selective_scan
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm"]
 
@@ -154,6 +154,8 @@ class MambaMixer(nn.Module):
         # the one-direction scan (contract of vmq.ops.selective_scan_ref); swappable, e.g. for
         # the trainable fused CPU scan
         self.scan_fn = selective_scan
+        # kernel choice for the fused two-direction scan (vmq.ops.backend); used while scan_fn is the default
+        self.backend = "auto"
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
@@ -203,6 +205,11 @@ class MambaMixer(nn.Module):
         if self.bidirectional:
             conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = dirs[1]
             u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
+            if self.scan_fn is selective_scan:  # inference: both directions in one fused call
+                out = bidirectional_scan(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
+                                         B_b, C_b, D_b.float(), z, delta_softplus=True,
+                                         divide_out=self.if_divide_out, backend=self.backend)
+                return self.out_proj(out.transpose(1, 2).to(hidden.dtype))
             out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
                                          B_b, C_b, D_b.float(), z, delta_softplus=True,
                                          divide_out=self.if_divide_out, scan=self.scan_fn)

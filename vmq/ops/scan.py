@@ -14,9 +14,11 @@ Arithmetic (fp32 throughout):
     y_t    = <h_t, C_t> + D * u_t
     out    = y * silu(z)                            if z is given
 
-``selective_scan_ref`` is the definition: a plain time loop. ``selective_scan`` is the entry
-point the models call; today it is the reference itself, and it is where compiled kernels
-plug in. (Training uses :mod:`vmq.ops.scan_train`, swapped in per model.)
+``selective_scan_ref`` is the definition: a plain time loop. ``bidirectional_scan_ref`` runs
+both directions of a bimamba v2 mixer with it; :func:`bidirectional_scan` is the entry point the
+models call at inference, which runs the fused kernel ``vmq::bidirectional_scan`` (both
+directions in one pass, no flipped copies, optional int8 ``u`` / ``delta`` with per-token
+scales) or the reference. (Training uses :mod:`vmq.ops.scan_train`, swapped in per model.)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vmq.ops.backend import use_native
 
 
 def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
@@ -109,3 +113,54 @@ def bidirectional_scan_ref(
     if z is not None:
         y = y * F.silu(z.float()).to(y.dtype)
     return y
+
+
+def dequantize_scan_input(q: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """fp32 value of a scan input: ``q`` itself, or int8 ``q`` (batch, d_inner, seqlen) times its per-token ``scale`` (seqlen,)."""
+    if q.dtype == torch.int8:
+        if scale is None or scale.shape != (q.shape[-1],):
+            raise ValueError(f"int8 scan inputs need a per-token scale of shape ({q.shape[-1]},)")
+        return q.float() * scale.float()
+    if scale is not None:
+        raise ValueError("a scale goes with int8 scan inputs only")
+    return q
+
+
+def bidirectional_scan_quantized_ref(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
+    z: Optional[Tensor] = None, delta_softplus: bool = False, divide_out: bool = True,
+    u_scale: Optional[Tensor] = None, delta_scale: Optional[Tensor] = None,
+    u_b_scale: Optional[Tensor] = None, delta_b_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Twin of ``vmq::bidirectional_scan``: dequantize int8 inputs, then :func:`bidirectional_scan_ref` (fp32 out)."""
+    u, delta = dequantize_scan_input(u, u_scale), dequantize_scan_input(delta, delta_scale)
+    u_b, delta_b = dequantize_scan_input(u_b, u_b_scale), dequantize_scan_input(delta_b, delta_b_scale)
+    return bidirectional_scan_ref(u.float(), delta.float(), A, B, C, D, u_b.float(), delta_b.float(), A_b, B_b, C_b,
+                                  D_b, z, delta_softplus, divide_out).float()
+
+
+def bidirectional_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
+    z: Optional[Tensor] = None, delta_softplus: bool = False, divide_out: bool = True,
+    u_scale: Optional[Tensor] = None, delta_scale: Optional[Tensor] = None,
+    u_b_scale: Optional[Tensor] = None, delta_b_scale: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Both scan directions and the gate in one call; fp32 (batch, d_inner, seqlen).
+
+    Same arithmetic as :func:`bidirectional_scan_quantized_ref` (to fp32 rounding). ``backend``
+    (see :mod:`vmq.ops.backend`): the fused kernel takes fp32 / int8 inputs without gradients.
+    """
+    tensors = [t for t in (u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z) if t is not None]
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    dtypes_ok = all(t.dtype in (torch.float32, torch.int8) for t in (u, delta, u_b, delta_b)) and all(
+        t.dtype == torch.float32 for t in (A, B, C, D, A_b, B_b, C_b, D_b, z) if t is not None)
+    if not use_native("bidirectional_scan", u, backend, takes=dtypes_ok and not grads,
+                      why="takes float32 (or int8 u / delta) inputs without gradients"):
+        return bidirectional_scan_quantized_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                                delta_softplus, divide_out, u_scale, delta_scale, u_b_scale,
+                                                delta_b_scale)
+    return torch.ops.vmq.bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale,
+                                            delta_scale, u_b_scale, delta_b_scale, delta_softplus, divide_out)
