@@ -21,6 +21,13 @@ def device_option(f):
                         help="Where to run.")(f)
 
 
+def backend_option(f):
+    return click.option("--backend", type=click.Choice(["auto", "cuda", "cpu", "ref"]), default="auto",
+                        show_default=True,
+                        help="Kernels: compiled vmq._C kernels for the device (cuda, cpu), the PyTorch reference "
+                             "ops (ref), or auto (compiled where available, else reference).")(f)
+
+
 def check_device(device: str) -> None:
     if device == "cuda":
         import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import check_device, device_option, load_model, model_options
+from vmq_cli._options import backend_option, check_device, device_option, load_model, model_options
 
 
 @click.command("eval")
@@ -17,8 +17,9 @@ from vmq_cli._options import check_device, device_option, load_model, model_opti
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader workers.")
 @device_option
+@backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
-def command(path, model_name, checkpoint, data, batch_size, limit, workers, device, as_json):
+def command(path, model_name, checkpoint, data, batch_size, limit, workers, device, backend, as_json):
     """Evaluate a Vim model or a packed file from `vmq quantize`.
 
     PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
@@ -46,6 +47,9 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
         model, packed_meta = load_packed(checkpoint)
     else:
         model = load_model(model_name, checkpoint)
+    from vmq.ops.backend import set_backend
+
+    set_backend(model, backend)
     loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
     with console.progress("evaluating", len(loader.dataset)) as update:
         metrics = evaluate(model, loader, device=device, on_batch=update)
@@ -59,6 +63,7 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
         "num_images": metrics["num_images"],
         "images_per_sec": metrics["images_per_sec"],
         "device": device,
+        "backend": backend,
         "checkpoint": checkpoint or "(shipped reference weights)",
         "data": data or "(shipped CIFAR-10 lossless test subset)",
     }
@@ -72,7 +77,7 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     else:
         console.emit_table(f"vmq eval: {result['model']}", [
             ["top-1", f"{result['top1']:.2f} %"], ["top-5", f"{result['top5']:.2f} %"],
-            ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device})"],
+            ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device}, backend {backend})"],
             ["parameters", f"{param_count(model):,}"], ["data", result["data"]],
             ["checkpoint", result["checkpoint"]],
         ] + ([["packed", _packed_line(result["packed"])]] if packed_meta is not None else []))

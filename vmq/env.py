@@ -36,12 +36,21 @@ def cpu_info() -> Dict:
 
 
 def kernels() -> Dict:
-    """Which compiled kernels are importable (the native extension arrives with the kernels work)."""
-    return {
-        "vmq._C": "built" if importlib.util.find_spec("vmq._C") is not None else "not built (reference PyTorch ops in use)",
-        "mamba_ssm": "installed" if importlib.util.find_spec("mamba_ssm") is not None else "not installed",
-        "cupy": "installed" if importlib.util.find_spec("cupy") is not None else "not installed",
-    }
+    """The native extension's state, and which devices each vmq op has a compiled kernel for."""
+    from vmq.ops import _library
+    from vmq.ops.backend import BUILD_FIX
+
+    out = {"vmq._C": "built" if _library.NATIVE is not None else f"{_library.NATIVE_ERROR} (reference PyTorch ops "
+                                                                   f"in use; {BUILD_FIX})"}
+    if _library.NATIVE is not None:
+        out["vmq._C.cuda_built"] = bool(_library.NATIVE.cuda_built)
+        out["vmq._C.cpu_isa"] = _library.NATIVE.cpu_isa
+    for op in _library.SCHEMAS:
+        devices = [d for d in ("cpu", "cuda") if _library.has_kernel(op, d)]
+        out[f"op.{op}"] = ", ".join(devices) if devices else "reference only"
+    out["mamba_ssm"] = "installed" if importlib.util.find_spec("mamba_ssm") is not None else "not installed"
+    out["cupy"] = "installed" if importlib.util.find_spec("cupy") is not None else "not installed"
+    return out
 
 
 def collect() -> Dict:

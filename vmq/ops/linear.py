@@ -6,6 +6,10 @@ int8 per output channel with a scale:
     acc[t, n] = sum_k (x_q[t, k] - zp[t]) * w_q[n, k]              exact integer (int32 range)
     y[t, n]   = acc[t, n] * (x_scale[t] * w_scale[n]) + bias[n]     fp32, in this order
 
+and, with an output scale, ``y`` requantized to uint8 for the next layer with
+:func:`vmq.ops.quantize.quantize_per_token_ref`. :func:`int8_linear` runs the compiled kernel
+(``vmq::int8_linear``, bit-identical to the twin) or the twin.
+
 ``vq_linear_ref``: vector-quantized weights. Row ``n`` of the weight is the concatenation of the
 codewords ``codebook[n // rows_per_group, codes[n, j]]`` (fp16, d values each), cut to the input
 width and multiplied by the row's fp16 scale when there is one; the product runs in fp32:
@@ -21,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vmq.ops.quantize import per_token
+from vmq.ops.backend import use_native
+from vmq.ops.quantize import per_token, quantize_per_token_ref
 
 
 def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor) -> Tensor:
@@ -37,13 +42,31 @@ def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor) -> Tensor:
 
 
 def int8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor, w_scale: Tensor,
-                    bias: Optional[Tensor] = None) -> Tensor:
-    """Quantized linear with the fused-scale epilogue; returns fp32 (..., T, N). ``w_scale`` is (N,)."""
+                    bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8) -> Tensor:
+    """Quantized linear with the fused-scale epilogue; fp32 (..., T, N), or uint8 with ``out_scale``. ``w_scale`` is (N,)."""
     acc = int8_matmul_ref(x_q, x_zero_point, w_q)
     y = acc.float() * (per_token(x_scale, x_q).float() * w_scale.float().reshape(-1))
     if bias is not None:
         y = y + bias.float()
+    if out_scale is not None:
+        return quantize_per_token_ref(y, out_scale, out_zero_point, out_bits)
     return y
+
+
+def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor, w_scale: Tensor,
+                bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: str = "auto") -> Tensor:
+    """:func:`int8_linear_ref` on the compiled kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
+    if (out_scale is None) != (out_zero_point is None):
+        raise ValueError("out_scale and out_zero_point go together")
+    takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
+    if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
+        return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
+    return torch.ops.vmq.int8_linear(
+        x_q, x_scale.float(), x_zero_point.to(torch.int32), w_q, w_scale.float().reshape(-1),
+        None if bias is None else bias.float(), None if out_scale is None else out_scale.float(),
+        None if out_zero_point is None else out_zero_point.to(torch.int32), out_bits)
 
 
 def vq_dequantize_ref(codes: Tensor, codebook: Tensor, in_features: int, rows_per_group: Optional[int] = None,

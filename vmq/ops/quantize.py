@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vmq.ops.backend import use_native
+
 
 def quantize_per_token_ref(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8) -> Tensor:
     """x (..., tokens, channels) float; scale, zero_point (tokens,) or x.shape[:-1] -> uint8 of x's shape."""
@@ -19,6 +21,17 @@ def quantize_per_token_ref(x: Tensor, scale: Tensor, zero_point: Tensor, bits: i
     s, zp = per_token(scale, x), per_token(zero_point, x)
     q = torch.round(x.float() / s.float()) + zp.float()
     return torch.clamp(q, 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def quantize_per_token(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8, backend: str = "auto") -> Tensor:
+    """:func:`quantize_per_token_ref` on the compiled kernel (``vmq::quantize_per_token``, bit-identical) or the twin."""
+    takes = x.dtype == torch.float32 and x.dim() >= 2
+    if not use_native("quantize_per_token", x, backend, takes=takes, why="takes float32 (..., tokens, channels)"):
+        return quantize_per_token_ref(x, scale, zero_point, bits)
+    per_token(scale, x), per_token(zero_point, x)  # shape check, same message as the twin
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+    return torch.ops.vmq.quantize_per_token(x, scale.float(), zero_point, bits)
 
 
 def dequantize_per_token_ref(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:

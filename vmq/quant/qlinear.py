@@ -8,8 +8,9 @@ positive; off means s = 1).
 * :class:`QuantLinear` (calibration and JLSS): fake quantization with straight-through rounding;
   smoothing, weight step sizes and activation step sizes are learnable.
 * :class:`QuantizedLinear` (after :meth:`QuantLinear.freeze`, and what a packed file loads
-  into): int8 weights and integer activations multiplied by :func:`vmq.ops.linear.int8_linear_ref`
-  (exact int32 accumulation, then the scales). Its smoothing scale may be folded into the
+  into): int8 weights and integer activations multiplied by :func:`vmq.ops.linear.int8_linear`
+  (exact int32 accumulation, then the scales; the compiled kernel or its twin ``int8_linear_ref``,
+  bit-identical, chosen by the layer's ``backend``). Its smoothing scale may be folded into the
   preceding operation (then ``smooth_scale`` is None).
 
 The two agree to fp32 rounding; a test holds them together.
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
-from vmq.ops.linear import int8_linear_ref
-from vmq.ops.quantize import quantize_per_token_ref
+from vmq.ops.linear import int8_linear
+from vmq.ops.quantize import quantize_per_token
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
 
@@ -142,6 +143,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("input_zero_point", input_zero_point.to(torch.int32) if static else None)
         self.register_buffer("smooth_scale", None if smooth_scale is None else smooth_scale.float())
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.backend = "auto"  # kernel choice (vmq.ops.backend)
 
     def dequantized_weight(self) -> Tensor:
         return self.weight.float() * self.weight_scale.reshape(-1, 1)
@@ -160,8 +162,8 @@ class QuantizedLinear(nn.Module):
                 raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
                                  f"the input has {tokens}")
             scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
-        x_q = quantize_per_token_ref(x, scale, zp, self.a_bits)
-        return int8_linear_ref(x_q, scale, zp, self.weight, self.weight_scale, self.bias)
+        x_q = quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend)
+        return int8_linear(x_q, scale, zp, self.weight, self.weight_scale, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         a = f"a{self.a_bits} {self.a_strategy}" if self.a_bits else "a16"

@@ -1,0 +1,301 @@
+// Integer linear layer on CPU: vmq::int8_linear and vmq::quantize_per_token.
+//
+//   acc[m, n] = sum_k (x_q[m, k] - zp[m]) * w[n, k]            exact, int32
+//   y[m, n]   = float(acc) * (x_scale[m] * w_scale[n]) + bias[n]  fp32, in this order
+//   optional int8 output: clamp(round_half_even(y / out_scale[m]) + out_zp[m], 0, 2^bits - 1)
+// The twin is vmq.ops.linear.int8_linear_ref; the result is bit-identical to it.
+//
+// x_q is uint8 (0..255) and w int8, so the AVX2 "u8 x s8 -> saturating s16 pair sum"
+// instruction (vpmaddubsw) could overflow: 2 * 255 * 128 > 32767. Both operands are widened to
+// int16 instead and multiplied with vpmaddwd (s16 x s16 -> exact s32 pair sums), which is exact
+// for every input. sum_k x_q w is accumulated and zp[m] * sum_k w[n, k] subtracted at the end.
+//
+// Weights are repacked per call into blocks of 16 output channels (a pass over N x K bytes,
+// small next to the M x N x K product); a 6 x 16 register tile accumulates 6 rows at a time.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kNr = 16;  // output channels per block
+constexpr int64_t kMr = 6;   // rows per register tile
+
+struct Epilogue {
+  const float *x_scale, *w_scale, *bias, *out_scale;
+  const int32_t *x_zp, *out_zp, *w_sum;
+  int64_t param_rows;  // per-token parameters have this many entries: row m uses m % param_rows
+  int64_t n;
+  float qmax;
+  float* out_f;
+  uint8_t* out_q;
+};
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// The epilogue of one tile row: columns [n0, n0 + cols) of row m from the raw sums acc[0..16).
+// Same operations and order as the twin, lane by lane, and no multiply-add fusion.
+// ``r``: the row's index into the per-token parameters. The channel parameters are padded to
+// whole blocks (Epilogue::w_scale, bias: kNr-aligned copies), so only the store is partial.
+inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int64_t cols, const int32_t* acc_raw) {
+  v16i acc, w_sum;
+  v16f w_scale, bias;
+  std::memcpy(&acc, acc_raw, sizeof(acc));
+  std::memcpy(&w_sum, e.w_sum + n0, sizeof(w_sum));
+  std::memcpy(&w_scale, e.w_scale + n0, sizeof(w_scale));
+  if (e.bias) std::memcpy(&bias, e.bias + n0, sizeof(bias));
+  const v16i corrected = acc - e.x_zp[r] * w_sum;
+  const v16f s = e.x_scale[r] * w_scale;
+  v16f y = __builtin_convertvector(corrected, v16f) * s;
+  asm("" : "+m"(y));  // keep y * s + bias from becoming one fused multiply-add
+  if (e.bias) y = y + bias;
+  if (!e.out_q) {
+    if (cols == kNr) {
+      std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(y));
+    } else {
+      std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(float) * cols);
+    }
+    return;
+  }
+  // requantize: clamp(round_half_even(y / scale) + zero point, 0, qmax)
+  v16f q = y / e.out_scale[r];
+  const v16f big = v16f{} + 4194304.f;  // 2^22: anything beyond clamps anyway
+  q = q < -big ? -big : q;
+  q = q > big ? big : q;
+  v16f t = q + 12582912.f;
+  asm("" : "+m"(t));
+  q = (t - 12582912.f) + static_cast<float>(e.out_zp[r]);
+  q = q < 0.f ? v16f{} : q;
+  q = q > e.qmax ? v16f{} + e.qmax : q;
+  const v16i qi = __builtin_convertvector(q, v16i);
+  uint8_t* dst = e.out_q + m * e.n + n0;
+  typedef uint8_t v16u8 __attribute__((vector_size(16)));
+  const v16u8 qb = __builtin_convertvector(qi, v16u8);
+  if (cols == kNr) {
+    std::memcpy(dst, &qb, sizeof(qb));
+  } else {
+    std::memcpy(dst, &qb, cols);
+  }
+}
+
+// Weights (N, K) int8 -> blocks of kNr channels: for block j, k-pair p, 2 x 8 lanes of (w[n, 2p], w[n, 2p+1]).
+void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t* w_sum) {
+  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) {
+      int8_t* dst = packed + j * kp * 2 * kNr;
+      for (int64_t p = 0; p < kp; ++p) {
+        for (int64_t l = 0; l < kNr; ++l) {
+          const int64_t row = j * kNr + l;
+          for (int64_t h = 0; h < 2; ++h) {
+            const int64_t col = 2 * p + h;
+            dst[(p * kNr + l) * 2 + h] = (row < n && col < k) ? w[row * k + col] : 0;
+          }
+        }
+      }
+      for (int64_t l = 0; l < kNr && j * kNr + l < n; ++l) {
+        int32_t s = 0;
+        for (int64_t c = 0; c < k; ++c) s += w[(j * kNr + l) * k + c];
+        w_sum[j * kNr + l] = s;
+      }
+    }
+  });
+}
+
+#ifdef __AVX2__
+// rows [m0, m0 + mr) x channel block j over all k-pairs; xw: the rows widened to int16, kp pairs each
+template <int kRows>
+void tile(const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  __m256i acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + p * 2 * kNr)));
+    const __m256i w1 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + p * 2 * kNr + kNr)));
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xw + (r * kp + p) * 2, sizeof(pair));
+      const __m256i x = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, w1));
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);
+  }
+}
+
+void tile_rows(int rows, const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  switch (rows) {
+    case 6: return tile<6>(xw, kp, wb, out);
+    case 5: return tile<5>(xw, kp, wb, out);
+    case 4: return tile<4>(xw, kp, wb, out);
+    case 3: return tile<3>(xw, kp, wb, out);
+    case 2: return tile<2>(xw, kp, wb, out);
+    default: return tile<1>(xw, kp, wb, out);
+  }
+}
+#else
+void tile_rows(int rows, const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t l = 0; l < kNr; ++l) {
+      int32_t s = 0;
+      for (int64_t p = 0; p < kp; ++p) {
+        s += int32_t(xw[(r * kp + p) * 2]) * wb[(p * kNr + l) * 2] +
+             int32_t(xw[(r * kp + p) * 2 + 1]) * wb[(p * kNr + l) * 2 + 1];
+      }
+      out[r][l] = s;
+    }
+  }
+}
+#endif
+
+void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
+  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
+  // tasks: groups of row tiles; each widens its rows once and sweeps every channel block
+  constexpr int64_t kTilesPerTask = 8;
+  const int64_t tasks = (tiles + kTilesPerTask - 1) / kTilesPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int16_t> xw(kMr * kp * 2);
+    alignas(32) int32_t out[kMr][kNr];
+    for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t tile = task * kTilesPerTask; tile < std::min(tiles, (task + 1) * kTilesPerTask); ++tile) {
+        const int64_t m0 = tile * kMr;
+        const int rows = static_cast<int>(std::min<int64_t>(kMr, m - m0));
+        for (int r = 0; r < rows; ++r) {
+          const uint8_t* src = x + (m0 + r) * k;
+          int16_t* dst = xw.data() + r * kp * 2;
+          for (int64_t c = 0; c < k; ++c) dst[c] = src[c];
+          if (k % 2) dst[k] = 0;
+        }
+        int64_t param_row[kMr];
+        for (int r = 0; r < rows; ++r) param_row[r] = (m0 + r) % e.param_rows;
+        for (int64_t j = 0; j < blocks; ++j) {
+          tile_rows(rows, xw.data(), kp, packed + j * kp * 2 * kNr, out);
+          const int64_t cols = std::min<int64_t>(kNr, n - j * kNr);
+          for (int r = 0; r < rows; ++r) finish_row(e, m0 + r, param_row[r], j * kNr, cols, out[r]);
+        }
+      }
+    }
+  });
+}
+
+void check_per_token(const at::Tensor& t, at::ScalarType dtype, int64_t tokens, int64_t rows, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, "int8_linear: ", what, " must be a CPU ", dtype,
+              " tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == tokens || t.numel() == rows, "int8_linear: ", what, " must hold one value per token (",
+              tokens, ") or per row (", rows, "), got ", t.numel());
+}
+
+at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
+                       int64_t out_bits) {
+  TORCH_CHECK(x_q.device().is_cpu() && x_q.scalar_type() == at::kByte && x_q.dim() >= 2,
+              "int8_linear: x_q must be a uint8 CPU tensor (..., tokens, in_features)");
+  TORCH_CHECK(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2,
+              "int8_linear: w_q must be an int8 CPU tensor (out_features, in_features)");
+  const int64_t k = x_q.size(-1), n = w_q.size(0), tokens = x_q.size(-2), m = x_q.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(w_q.size(1) == k, "int8_linear: in_features differ: ", k, " vs ", w_q.size(1));
+  check_per_token(x_scale, at::kFloat, tokens, m, "x_scale");
+  check_per_token(x_zero_point, at::kInt, tokens, m, "x_zero_point");
+  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), "int8_linear: x_scale and x_zero_point differ in size");
+  TORCH_CHECK(w_scale.device().is_cpu() && w_scale.scalar_type() == at::kFloat && w_scale.numel() == n,
+              "int8_linear: w_scale must be float32 (out_features,)");
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == n,
+                "int8_linear: bias must be float32 (out_features,)");
+  }
+  TORCH_CHECK(out_scale.has_value() == out_zero_point.has_value(),
+              "int8_linear: out_scale and out_zero_point go together");
+  if (out_scale) {
+    TORCH_CHECK(out_bits >= 2 && out_bits <= 8, "int8_linear: out_bits must be 2..8, got ", out_bits);
+    check_per_token(*out_scale, at::kFloat, tokens, m, "out_scale");
+    check_per_token(*out_zero_point, at::kInt, tokens, m, "out_zero_point");
+    TORCH_CHECK(out_scale->numel() == x_scale.numel(),
+                "int8_linear: out_scale must have the size of x_scale (per token or per row)");
+  }
+  const at::Tensor xc = x_q.contiguous(), wc = w_q.contiguous(), xs = x_scale.contiguous(),
+                   xz = x_zero_point.contiguous(), ws = w_scale.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor os = out_scale ? out_scale->contiguous() : at::Tensor();
+  const at::Tensor oz = out_zero_point ? out_zero_point->contiguous() : at::Tensor();
+  std::vector<int64_t> shape(x_q.sizes().begin(), x_q.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x_q.options().dtype(out_scale ? at::kByte : at::kFloat));
+  if (m == 0 || n == 0) return out;
+  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr;
+  std::vector<int8_t> packed(std::max<int64_t>(blocks * kp * 2 * kNr, 1));
+  std::vector<int32_t> w_sum(blocks * kNr, 0);
+  pack_weights(wc.data_ptr<int8_t>(), n, k, packed.data(), w_sum.data());
+  std::vector<float> w_scale_pad(blocks * kNr, 0.f), bias_pad(bias ? blocks * kNr : 0, 0.f);
+  std::copy_n(ws.data_ptr<float>(), n, w_scale_pad.begin());
+  if (bias) std::copy_n(bc.data_ptr<float>(), n, bias_pad.begin());
+  const Epilogue e{xs.data_ptr<float>(),
+                   w_scale_pad.data(),
+                   bias ? bias_pad.data() : nullptr,
+                   out_scale ? os.data_ptr<float>() : nullptr,
+                   xz.data_ptr<int32_t>(),
+                   out_scale ? oz.data_ptr<int32_t>() : nullptr,
+                   w_sum.data(),
+                   xs.numel(),
+                   n,
+                   static_cast<float>((1 << out_bits) - 1),
+                   out_scale ? nullptr : out.data_ptr<float>(),
+                   out_scale ? out.data_ptr<uint8_t>() : nullptr};
+  gemm(xc.data_ptr<uint8_t>(), m, k, packed.data(), n, e);
+  return out;
+}
+
+// q = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1): the twin is quantize_per_token_ref
+at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                              int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2,
+              "quantize_per_token: x must be a float32 CPU tensor (..., tokens, channels)");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_per_token: bits must be 2..8, got ", bits);
+  const int64_t c = x.size(-1), tokens = x.size(-2), m = x.numel() / std::max<int64_t>(c, 1);
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
+                  (scale.numel() == tokens || scale.numel() == m),
+              "quantize_per_token: scale must be float32 with one value per token or per row");
+  TORCH_CHECK(zero_point.device().is_cpu() && zero_point.numel() == scale.numel() &&
+                  (zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kFloat),
+              "quantize_per_token: zero_point must be int32 or float32, shaped like scale");
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous(), zc = zero_point.to(at::kFloat).contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const float *px = xc.data_ptr<float>(), *ps = sc.data_ptr<float>(), *pz = zc.data_ptr<float>();
+  uint8_t* pq = q.data_ptr<uint8_t>();
+  const int64_t pr = sc.numel();
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = ps[r % pr], z = pz[r % pr];
+      const float* xr = px + r * c;
+      uint8_t* qr = pq + r * c;
+      for (int64_t i = 0; i < c; ++i) {
+        float v = std::nearbyint(xr[i] / s) + z;
+        v = std::min(std::max(v, 0.f), qmax);
+        qr[i] = static_cast<uint8_t>(v);
+      }
+    }
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vmq, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("quantize_per_token", &quantize_per_token);
+}

@@ -1,0 +1,209 @@
+"""Compiled kernels of vmq._C held to their PyTorch twins, and torch.library.opcheck on every op.
+
+Skipped where vmq._C is not built (CI sets VMQ_REQUIRE_NATIVE=1, which makes a missing build an
+error instead). GPU kernels' tests carry the ``gpu`` marker.
+"""
+
+import pytest
+import timm
+import torch
+
+import vmq.models  # noqa: F401  (registers the models)
+from vmq.errors import VmqError
+from vmq.ops import _library
+from vmq.ops.backend import set_backend, use_native
+from vmq.ops.linear import int8_linear, int8_linear_ref
+from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
+from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
+
+native = pytest.mark.skipif(_library.NATIVE is None, reason=f"vmq._C is {_library.NATIVE_ERROR}")
+
+
+def _scan_inputs(b, d, l, n, seed=0, token_major=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def act(scale=1.0, shift=0.0):
+        x = r(b, d, l) * scale + shift
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if token_major else x
+
+    out = []
+    for _ in range(2):
+        out += [act(), act(0.5, -1.0), -torch.exp(r(d, n) * 0.5), r(b, n, l), r(b, n, l), r(d)]
+    return out + [act()]
+
+
+@native
+@pytest.mark.parametrize("shape", [(2, 19, 13, 16), (2, 16, 7, 5), (1, 8, 1, 16), (3, 40, 30, 16)])
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("divide_out", [True, False])
+def test_bidirectional_scan_matches_twin(shape, token_major, divide_out):
+    args = _scan_inputs(*shape, token_major=token_major)
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, divide_out=divide_out)
+    out = bidirectional_scan(*args, delta_softplus=True, divide_out=divide_out, backend="cpu")
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@native
+def test_bidirectional_scan_without_gate_skip_or_softplus():
+    args = _scan_inputs(2, 12, 9, 4, seed=1)
+    args[5] = args[11] = args[12] = None  # D, D_b, z
+    args[1] = args[1].abs()
+    args[7] = args[7].abs()  # delta already positive
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=False)
+    torch.testing.assert_close(bidirectional_scan(*args, backend="cpu"), ref, rtol=2e-5, atol=2e-5)
+
+
+@native
+def test_bidirectional_scan_int8_inputs_match_dequantized_twin():
+    b, d, l, n = 2, 24, 11, 16
+    args = _scan_inputs(b, d, l, n, seed=2)
+    g = torch.Generator().manual_seed(3)
+    scales = {}
+    for i, key in ((0, "u_scale"), (1, "delta_scale"), (6, "u_b_scale"), (7, "delta_b_scale")):
+        args[i] = torch.randint(-127, 128, (b, d, l), dtype=torch.int8, generator=g)
+        scales[key] = torch.rand(l, generator=g) * 0.02 + 0.001
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, **scales)
+    out = bidirectional_scan(*args, delta_softplus=True, backend="cpu", **scales)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="per-token scale"):
+        bidirectional_scan(*args, delta_softplus=True, backend="ref")
+
+
+@native
+def test_scan_kernel_extreme_inputs_stay_finite():
+    args = _scan_inputs(1, 8, 6, 16, seed=4)
+    args[1] = torch.full_like(args[1], 60.0)  # softplus passes large deltas through
+    args[7] = torch.full_like(args[7], -60.0)  # and tiny ones: exp(-60)
+    args[12] = torch.full_like(args[12], -200.0)  # silu of a very negative gate
+    out = bidirectional_scan(*args, delta_softplus=True, backend="cpu")
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def _linear_inputs(batch, tokens, k, n, seed=0, per_row=False):
+    g = torch.Generator().manual_seed(seed)
+    x_q = torch.randint(0, 256, (batch, tokens, k), dtype=torch.uint8, generator=g)
+    pshape = (batch, tokens) if per_row else (tokens,)
+    zp = torch.randint(0, 256, pshape, dtype=torch.int32, generator=g)
+    xs = torch.rand(pshape, generator=g) * 0.1 + 1e-3
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01
+    bias = torch.randn(n, generator=g)
+    out_scale = torch.rand(pshape, generator=g) * 2 + 0.05
+    out_zp = torch.randint(0, 256, pshape, dtype=torch.int32, generator=g)
+    return x_q, xs, zp, w, ws, bias, out_scale, out_zp
+
+
+@native
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (1, 13, 192, 38), (2, 9, 6, 192),
+                                   (1, 7, 33, 17), (2, 197, 384, 1536)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_int8_linear_is_bit_identical_to_twin(shape, per_row):
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape, per_row=per_row)
+    assert torch.equal(int8_linear(x_q, xs, zp, w, ws, bias, backend="cpu"), int8_linear_ref(x_q, xs, zp, w, ws, bias))
+    assert torch.equal(int8_linear(x_q, xs, zp, w, ws, None, backend="cpu"), int8_linear_ref(x_q, xs, zp, w, ws))
+    for bits in (8, 4):
+        ref = int8_linear_ref(x_q, xs, zp, w, ws, bias, os_, oz % (1 << bits), bits)
+        out = int8_linear(x_q, xs, zp, w, ws, bias, os_, oz % (1 << bits), bits, backend="cpu")
+        assert out.dtype == torch.uint8 and torch.equal(out, ref)
+
+
+@native
+def test_int8_linear_extreme_values_are_exact():
+    # all-255 activations against all -128 weights: the worst case for 16-bit pair sums
+    k, n = 512, 16
+    x_q = torch.full((1, 4, k), 255, dtype=torch.uint8)
+    zp = torch.zeros(4, dtype=torch.int32)
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    ones = torch.ones(4), torch.ones(n)
+    out = int8_linear(x_q, ones[0], zp, w, ones[1], backend="cpu")
+    assert torch.equal(out, torch.full((1, 4, n), -255.0 * 128 * k))
+
+
+@native
+def test_quantize_per_token_is_bit_identical_to_twin():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 10, 37, generator=g) * 4
+    scale = torch.rand(10, generator=g) * 0.05 + 0.01
+    zp = torch.randint(0, 256, (10,), dtype=torch.int32, generator=g)
+    # exact halves: round half to even
+    x[0, 0, :8] = (torch.arange(8) + 0.5) * scale[0]
+    for bits in (8, 6, 4):
+        assert torch.equal(quantize_per_token(x, scale, zp % (1 << bits), bits, backend="cpu"),
+                           quantize_per_token_ref(x, scale, zp % (1 << bits), bits))
+
+
+@native
+def test_int8_linear_rejects_bad_inputs():
+    x_q, xs, zp, w, ws, bias, _, _ = _linear_inputs(1, 4, 8, 5)
+    with pytest.raises(RuntimeError, match="in_features"):
+        torch.ops.vmq.int8_linear(x_q, xs, zp, w[:, :7].contiguous(), ws, bias, None, None, 8)
+    with pytest.raises(RuntimeError, match="x_scale"):
+        torch.ops.vmq.int8_linear(x_q, xs[:3], zp, w, ws, bias, None, None, 8)
+    with pytest.raises(RuntimeError, match="out_bits"):
+        torch.ops.vmq.int8_linear(x_q, xs, zp, w, ws, bias, xs, zp, 9)
+
+
+def _opcheck_cases():
+    scan = _scan_inputs(2, 12, 5, 4)
+    lin = _linear_inputs(2, 3, 10, 7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g)
+    c = torch.randn(6, 3, generator=g)
+    u, delta = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g).abs()
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    return {
+        "bidirectional_scan": (*scan[:13], None, None, None, None, True, True),
+        "int8_linear": (*lin[:6], None, None, 8),
+        "int8_linear_requant": (*lin, 8),
+        "quantize_per_token": (torch.randn(2, 3, 10, generator=g), lin[1], lin[2], 8),
+        "kmeans_assign": (x, None, c),
+        "kmeans_update": (x, torch.rand(50, 3, generator=g), torch.randint(0, 6, (50,), generator=g), c),
+        "scan_train_fwd": (u, delta, A, B, C),
+        "scan_train_bwd": (u, delta, A, B, C, torch.randn(2, 4, 5, generator=g)),
+    }
+
+
+@native
+@pytest.mark.parametrize("case", sorted(_opcheck_cases()))
+def test_opcheck(case):
+    op = getattr(torch.ops.vmq, case.replace("_requant", ""))
+    torch.library.opcheck(op, _opcheck_cases()[case])
+
+
+def test_backend_choice_and_errors():
+    x = torch.zeros(2, 3, 4, dtype=torch.uint8)
+    assert use_native("int8_linear", x, "ref") is False
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_native("int8_linear", x, "gpu")
+    with pytest.raises(VmqError, match="tensors are on cpu"):
+        use_native("int8_linear", x, "cuda")
+    if _library.NATIVE is None:
+        with pytest.raises(VmqError, match="pip install --no-build-isolation"):
+            use_native("int8_linear", x, "cpu")
+    else:
+        assert use_native("int8_linear", x, "auto") is True
+        assert use_native("int8_linear", x, "auto", takes=False) is False
+        with pytest.raises(VmqError, match="takes uint8"):
+            use_native("int8_linear", x, "cpu", takes=False, why="takes uint8 activations")
+
+
+@native
+def test_model_forward_same_on_every_cpu_backend():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim").eval()
+    x = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
+    with torch.no_grad():
+        ref = set_backend(model, "ref")(x)
+        fused = set_backend(model, "cpu")(x)
+        auto = set_backend(model, "auto")(x)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(auto, fused)
+    # with gradients the model falls back to the differentiable reference under "auto"
+    out = set_backend(model, "auto")(x)
+    assert out.requires_grad
+    with pytest.raises(VmqError, match="without gradients"):
+        set_backend(model, "cpu")(x)
