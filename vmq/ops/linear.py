@@ -63,8 +63,11 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor,
     takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
     if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
         return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
+    w_scale = w_scale.float().reshape(-1)
+    if w_scale.numel() == 1:  # per-tensor weights: one scale for every channel
+        w_scale = w_scale.expand(w_q.shape[0])
     return torch.ops.vmq.int8_linear(
-        x_q, x_scale.float(), x_zero_point.to(torch.int32), w_q, w_scale.float().reshape(-1),
+        x_q, x_scale.float(), x_zero_point.to(torch.int32), w_q, w_scale,
         None if bias is None else bias.float(), None if out_scale is None else out_scale.float(),
         None if out_zero_point is None else out_zero_point.to(torch.int32), out_bits)
 
