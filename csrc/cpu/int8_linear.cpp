@@ -50,7 +50,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 // whole blocks (Epilogue::w_scale, bias: kNr-aligned copies), so only the store is partial.
 inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int64_t cols, const int32_t* acc_raw) {
   v16i acc, w_sum;
-  v16f w_scale, bias;
+  v16f w_scale, bias{};
   std::memcpy(&acc, acc_raw, sizeof(acc));
   std::memcpy(&w_sum, e.w_sum + n0, sizeof(w_sum));
   std::memcpy(&w_scale, e.w_scale + n0, sizeof(w_scale));

@@ -178,11 +178,8 @@ void check_value(const at::Tensor& x, const std::optional<at::Tensor>& scale, co
   }
 }
 
-struct Held {  // tensors that must outlive the kernel call
-  std::vector<at::Tensor> keep;
-};
-
-Direction make_direction(Held& held, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+Direction make_direction(std::vector<at::Tensor>& held,  // tensors that must outlive the call
+                          const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                          const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                          const std::optional<at::Tensor>& u_scale, const std::optional<at::Tensor>& delta_scale,
                          const char* which) {
@@ -204,17 +201,17 @@ Direction make_direction(Held& held, const at::Tensor& u, const at::Tensor& delt
   }
   Direction dir{};
   const at::Tensor At = A.t().contiguous();
-  held.keep.push_back(At);
+  held.push_back(At);
   dir.u = strided(u);
   dir.delta = strided(delta);
   if (u_scale) {
     const at::Tensor s = u_scale->contiguous();
-    held.keep.push_back(s);
+    held.push_back(s);
     dir.u_scale = s.data_ptr<float>();
   }
   if (delta_scale) {
     const at::Tensor s = delta_scale->contiguous();
-    held.keep.push_back(s);
+    held.push_back(s);
     dir.delta_scale = s.data_ptr<float>();
   }
   dir.A_t = At.data_ptr<float>();
@@ -224,7 +221,7 @@ Direction make_direction(Held& held, const at::Tensor& u, const at::Tensor& delt
   dir.sC0 = C.stride(0), dir.sC1 = C.stride(1), dir.sC2 = C.stride(2);
   if (D) {
     const at::Tensor dc = D->contiguous();
-    held.keep.push_back(dc);
+    held.push_back(dc);
     dir.D = dc.data_ptr<float>();
   }
   return dir;
@@ -239,7 +236,7 @@ at::Tensor bidirectional_scan(const at::Tensor& u, const at::Tensor& delta, cons
                               const std::optional<at::Tensor>& u_b_scale,
                               const std::optional<at::Tensor>& delta_b_scale, bool delta_softplus, bool divide_out) {
   TORCH_CHECK(u.dim() == 3, "bidirectional_scan: u must be (batch, d_inner, seqlen), got ", u.sizes());
-  Held held;
+  std::vector<at::Tensor> held;
   const Direction fwd = make_direction(held, u, delta, A, B, C, D, u_scale, delta_scale, "");
   TORCH_CHECK(u_b.sizes() == u.sizes() && A_b.sizes() == A.sizes(),
               "bidirectional_scan: both directions must have the same shapes");

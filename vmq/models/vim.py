@@ -205,14 +205,13 @@ class MambaMixer(nn.Module):
         if self.bidirectional:
             conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = dirs[1]
             u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
+            args = (u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()), B_b, C_b, D_b.float(), z)
             if self.scan_fn is selective_scan:  # inference: both directions in one fused call
-                out = bidirectional_scan(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
-                                         B_b, C_b, D_b.float(), z, delta_softplus=True,
-                                         divide_out=self.if_divide_out, backend=self.backend)
-                return self.out_proj(out.transpose(1, 2).to(hidden.dtype))
-            out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()),
-                                         B_b, C_b, D_b.float(), z, delta_softplus=True,
-                                         divide_out=self.if_divide_out, scan=self.scan_fn)
+                out = bidirectional_scan(*args, delta_softplus=True, divide_out=self.if_divide_out,
+                                         backend=self.backend).to(hidden.dtype)
+            else:
+                out = bidirectional_scan_ref(*args, delta_softplus=True, divide_out=self.if_divide_out,
+                                             scan=self.scan_fn)
         else:
             out = self.scan_fn(u, delta, A, B, C, D.float(), z, True)
         return self.out_proj(out.transpose(1, 2))

@@ -10,10 +10,7 @@ shapes, dtypes and strides only (for ``torch.compile`` and ``torch.library.opche
 from __future__ import annotations
 
 import importlib
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 SCHEMAS = {
     # the trainable one-direction scan's core recurrence (vmq.ops.scan_train)
@@ -97,8 +94,3 @@ NATIVE, NATIVE_ERROR = _load_native()
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
     return NATIVE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())
-
-
-def ops() -> Tensor:
-    """``torch.ops.vmq``: the op namespace."""
-    return torch.ops.vmq
