@@ -16,6 +16,7 @@ from vmq import __version__
 
 # name -> (module, one-line help); the module defines a Click command called `command`
 COMMANDS = {
+    "bench": ("vmq_cli.bench", "Latency, throughput and peak memory: quantized vs floating point."),
     "calibrate": ("vmq_cli.calibrate", "Record calibration statistics of a Vim for quantize."),
     "eval": ("vmq_cli.eval", "Evaluate a Vim model or a packed file (top-1, top-5, images/s)."),
     "quantize": ("vmq_cli.quantize", "Post-training quantization (PTQ4VM, baselines) to a packed file."),
