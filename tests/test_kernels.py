@@ -12,7 +12,8 @@ import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
 from vmq.ops import _library
 from vmq.ops.backend import set_backend, use_native
-from vmq.ops.linear import int8_linear, int8_linear_ref
+from vmq.ops.linear import (int8_linear, int8_linear_ref, pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref,
+                            w4a8_linear, w4a8_linear_ref)
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
 
@@ -147,6 +148,49 @@ def test_int8_linear_rejects_bad_inputs():
         torch.ops.vmq.int8_linear(x_q, xs, zp, w, ws, bias, xs, zp, 9)
 
 
+@native
+@pytest.mark.parametrize("shape", [(1, 1, 2, 1), (2, 5, 6, 3), (3, 65, 96, 38), (1, 13, 192, 384)])
+def test_w4a8_linear_is_bit_identical_to_twin(shape):
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape)
+    w4 = torch.clamp(w, -8, 7)
+    packed = pack_int4(w4)
+    assert packed.shape == (w.shape[0], w.shape[1] // 2) and torch.equal(unpack_int4_ref(packed), w4)
+    ref = w4a8_linear_ref(x_q, xs, zp, packed, ws, bias)
+    assert torch.equal(ref, int8_linear_ref(x_q, xs, zp, w4, ws, bias))
+    assert torch.equal(w4a8_linear(x_q, xs, zp, packed, ws, bias, backend="cpu"), ref)
+    out = w4a8_linear(x_q, xs, zp, packed, ws, bias, os_, oz, 8, backend="cpu")
+    assert torch.equal(out, w4a8_linear_ref(x_q, xs, zp, packed, ws, bias, os_, oz, 8))
+    with pytest.raises(ValueError, match="K even"):
+        pack_int4(w4[:, :1] if w4.shape[1] > 1 else torch.zeros(2, 3, dtype=torch.int8))
+
+
+def _vq_inputs(tokens, k, n, d, size, rows_per_group, scale=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cols = -(-k // d)
+    groups = -(-n // rows_per_group)
+    x = torch.randn(2, tokens, k, generator=g)
+    codes = torch.randint(0, size, (n, cols), dtype=torch.int32, generator=g)
+    codebook = torch.randn(groups, size, d, generator=g).half()
+    s = (torch.rand(n, generator=g) + 0.5).half() if scale else None
+    return x, codes, codebook, rows_per_group, s, torch.randn(n, generator=g)
+
+
+@native
+@pytest.mark.parametrize("case", [(5, 16, 8, 4, 16, 8), (7, 30, 13, 4, 4, 5), (65, 192, 384, 8, 256, 384),
+                                  (3, 6, 9, 2, 2, 9)])
+@pytest.mark.parametrize("scale", [True, False])
+def test_vq_linear_matches_twin(case, scale):
+    x, codes, cb, rpg, s, bias = _vq_inputs(*case, scale=scale)
+    ref = vq_linear_ref(x, codes, cb, rpg, s, bias)
+    torch.testing.assert_close(vq_linear(x, codes, cb, rpg, s, bias, backend="cpu"), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(vq_linear(x, codes, cb, rpg, s, None, backend="cpu"),
+                               vq_linear_ref(x, codes, cb, rpg, s), rtol=1e-5, atol=1e-4)
+    bad = codes.clone()
+    bad[0, 0] = cb.shape[1]
+    with pytest.raises(RuntimeError, match="codewords"):
+        torch.ops.vmq.vq_linear(x, bad, cb, rpg, s, bias)
+
+
 def _opcheck_cases():
     scan = _scan_inputs(2, 12, 5, 4)
     lin = _linear_inputs(2, 3, 10, 7)
@@ -159,6 +203,8 @@ def _opcheck_cases():
         "bidirectional_scan": (*scan[:13], None, None, None, None, True, True),
         "int8_linear": (*lin[:6], None, None, 8),
         "int8_linear_requant": (*lin, 8),
+        "w4a8_linear": (*lin[:3], pack_int4(torch.clamp(lin[3], -8, 7)[:, :10]), *lin[4:], 8),
+        "vq_linear": _vq_inputs(3, 10, 7, 4, 8, 4),
         "quantize_per_token": (torch.randn(2, 3, 10, generator=g), lin[1], lin[2], 8),
         "kmeans_assign": (x, None, c),
         "kmeans_update": (x, torch.rand(50, 3, generator=g), torch.randint(0, 6, (50,), generator=g), c),

@@ -293,9 +293,32 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
   return q;
 }
 
+// W4A8: two signed 4-bit weights per byte, low nibble first (vmq.pack.bits), unpacked to int8 and
+// multiplied by the kernel above; the twin is w4a8_linear_ref.
+at::Tensor w4a8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& w_packed, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
+                       int64_t out_bits) {
+  TORCH_CHECK(w_packed.device().is_cpu() && w_packed.scalar_type() == at::kByte && w_packed.dim() == 2,
+              "w4a8_linear: w_packed must be a uint8 CPU tensor (out_features, in_features / 2)");
+  TORCH_CHECK(x_q.dim() >= 1 && x_q.size(-1) == 2 * w_packed.size(1),
+              "w4a8_linear: w_packed must hold in_features / 2 bytes per row, got ", w_packed.sizes(),
+              " for in_features ", x_q.size(-1));
+  const at::Tensor p = w_packed.contiguous();
+  at::Tensor w = at::empty({p.size(0), 2 * p.size(1)}, p.options().dtype(at::kChar));
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  int8_t* dst = w.data_ptr<int8_t>();
+  for (int64_t i = 0; i < p.numel(); ++i) {
+    dst[2 * i] = static_cast<int8_t>(((src[i] & 15) ^ 8) - 8);
+    dst[2 * i + 1] = static_cast<int8_t>(((src[i] >> 4) ^ 8) - 8);
+  }
+  return int8_linear(x_q, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, out_bits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vmq, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("w4a8_linear", &w4a8_linear);
   m.impl("quantize_per_token", &quantize_per_token);
 }

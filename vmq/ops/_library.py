@@ -30,6 +30,9 @@ SCHEMAS = {
     # integer linear layers (vmq.ops.linear)
     "int8_linear": "(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor w_q, Tensor w_scale, Tensor? bias, "
                    "Tensor? out_scale, Tensor? out_zero_point, int out_bits) -> Tensor",
+    "w4a8_linear": "(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits) -> Tensor",
+    "vq_linear": "(Tensor x, Tensor codes, Tensor codebook, int rows_per_group, Tensor? scale, Tensor? bias) -> Tensor",
 }
 
 _LIB = torch.library.Library("vmq", "DEF")
@@ -76,6 +79,17 @@ def _(x, scale, zero_point, bits):
 def _(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits):
     shape = (*x_q.shape[:-1], w_q.shape[0])
     return x_q.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
+
+
+@torch.library.register_fake("vmq::w4a8_linear")
+def _(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point, out_bits):
+    shape = (*x_q.shape[:-1], w_packed.shape[0])
+    return x_q.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
+
+
+@torch.library.register_fake("vmq::vq_linear")
+def _(x, codes, codebook, rows_per_group, scale, bias):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
 
 
 def _load_native():

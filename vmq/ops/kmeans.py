@@ -46,9 +46,13 @@ def fused_available() -> bool:
     return _library.has_kernel("kmeans_assign", "cpu")
 
 
-def _use_fused(x: Tensor, backend: str) -> bool:
-    """``auto``: the compiled kernel for fp32 tensors when there is one; ``cpu``/``cuda``: it or an error; ``ref``: never."""
-    return use_native("kmeans_assign", x, backend, takes=x.dtype == torch.float32, why="takes float32 points only")
+def _use_fused(x: Tensor, backend: str, op: str = "kmeans_assign") -> bool:
+    """``auto``: the compiled kernel for fp32 tensors when there is one; ``cpu``/``cuda``: it or an error; ``ref``: never.
+
+    The CUDA assignment kernel keeps a point in registers: up to 32 dimensions.
+    """
+    takes = x.dtype == torch.float32 and (x.device.type != "cuda" or x.dim() != 2 or x.shape[1] <= 32)
+    return use_native(op, x, backend, takes=takes, why="takes float32 points (on CUDA of at most 32 dimensions)")
 
 
 def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
@@ -157,7 +161,7 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
                      backend: str = "auto") -> Tensor:
     """The (weighted) mean of each cluster, coordinate by coordinate; a coordinate with no weight
     keeps its old centroid. ``backend`` as for :func:`assign` (``ref``: :func:`update_centroids_ref`)."""
-    if not _use_fused(x, backend):
+    if not _use_fused(x, backend, "kmeans_update"):
         return update_centroids_ref(x, codes, centroids, w)
     return _update_fused(x, codes, centroids, _check(x, w))
 
@@ -195,9 +199,10 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
         centroids = init.to(x.dtype).clone()
     # points and weights are checked once above, not in every iteration
     if _use_fused(x, backend):
-        step_assign, step_update = (lambda c: _assign_fused(x, c, w)[0]), _update_fused
+        step_assign = lambda c: _assign_fused(x, c, w)[0]  # noqa: E731
     else:
-        step_assign, step_update = (lambda c: assign_ref(x, c, w, chunk)), update_centroids_ref
+        step_assign = lambda c: assign_ref(x, c, w, chunk)  # noqa: E731
+    step_update = _update_fused if _use_fused(x, backend, "kmeans_update") else update_centroids_ref
     codes = step_assign(centroids)
     for _ in range(iterations):
         centroids = step_update(x, codes, centroids, w)

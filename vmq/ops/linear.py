@@ -10,6 +10,9 @@ and, with an output scale, ``y`` requantized to uint8 for the next layer with
 :func:`vmq.ops.quantize.quantize_per_token_ref`. :func:`int8_linear` runs the compiled kernel
 (``vmq::int8_linear``, bit-identical to the twin) or the twin.
 
+``w4a8_linear_ref``: the same with 4-bit weights packed two per byte, low nibble first (the
+format of :mod:`vmq.pack.bits`), shape (N, K / 2); unpacked, it is ``int8_linear_ref``.
+
 ``vq_linear_ref``: vector-quantized weights. Row ``n`` of the weight is the concatenation of the
 codewords ``codebook[n // rows_per_group, codes[n, j]]`` (fp16, d values each), cut to the input
 width and multiplied by the row's fp16 scale when there is one; the product runs in fp32:
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from vmq.ops.backend import use_native
 from vmq.ops.quantize import per_token, quantize_per_token_ref
+from vmq.pack.bits import pack_signed, unpack_signed
 
 
 def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor) -> Tensor:
@@ -63,13 +67,55 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor,
     takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
     if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
         return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
+    args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
+    return torch.ops.vmq.int8_linear(x_q, args[0], args[1], w_q, *args[2:], out_bits)
+
+
+def pack_int4(w_q: Tensor) -> Tensor:
+    """int8 weights in [-8, 7], shape (N, K) with K even -> the (N, K / 2) uint8 layout of ``w4a8_linear``."""
+    if w_q.dim() != 2 or w_q.shape[1] % 2:
+        raise ValueError(f"4-bit packing needs (N, K) weights with K even, got {tuple(w_q.shape)}")
+    return pack_signed(w_q.cpu(), 4).reshape(w_q.shape[0], w_q.shape[1] // 2).to(w_q.device)
+
+
+def unpack_int4_ref(w_packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: (N, K / 2) uint8 -> (N, K) int8."""
+    n, half = w_packed.shape
+    return unpack_signed(w_packed.cpu(), 4, n * half * 2).reshape(n, half * 2).to(w_packed.device)
+
+
+def w4a8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
+                    bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8) -> Tensor:
+    """:func:`int8_linear_ref` on 4-bit weights packed by :func:`pack_int4`."""
+    return int8_linear_ref(x_q, x_scale, x_zero_point, unpack_int4_ref(w_packed), w_scale, bias, out_scale,
+                           out_zero_point, out_bits)
+
+
+def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
+                bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: str = "auto") -> Tensor:
+    """:func:`w4a8_linear_ref` on the compiled kernel (``vmq::w4a8_linear``, bit-identical) or the twin."""
+    if (out_scale is None) != (out_zero_point is None):
+        raise ValueError("out_scale and out_zero_point go together")
+    takes = (x_q.dtype == torch.uint8 and w_packed.dtype == torch.uint8 and x_q.dim() >= 2
+             and x_q.shape[-1] == 2 * w_packed.shape[-1])
+    if not use_native("w4a8_linear", x_q, backend, takes=takes,
+                      why="takes uint8 activations and (out_features, in_features / 2) packed 4-bit weights"):
+        return w4a8_linear_ref(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point,
+                               out_bits)
+    args = _native_epilogue_args(w_packed.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
+    return torch.ops.vmq.w4a8_linear(x_q, args[0], args[1], w_packed, *args[2:], out_bits)
+
+
+def _native_epilogue_args(n: int, x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point):
+    """The epilogue tensors in the kernels' dtypes; per-tensor weight scales expanded to every channel."""
     w_scale = w_scale.float().reshape(-1)
-    if w_scale.numel() == 1:  # per-tensor weights: one scale for every channel
-        w_scale = w_scale.expand(w_q.shape[0])
-    return torch.ops.vmq.int8_linear(
-        x_q, x_scale.float(), x_zero_point.to(torch.int32), w_q, w_scale,
-        None if bias is None else bias.float(), None if out_scale is None else out_scale.float(),
-        None if out_zero_point is None else out_zero_point.to(torch.int32), out_bits)
+    if w_scale.numel() == 1:
+        w_scale = w_scale.expand(n)
+    return (x_scale.float(), x_zero_point.to(torch.int32), w_scale, None if bias is None else bias.float(),
+            None if out_scale is None else out_scale.float(),
+            None if out_zero_point is None else out_zero_point.to(torch.int32))
 
 
 def vq_dequantize_ref(codes: Tensor, codebook: Tensor, in_features: int, rows_per_group: Optional[int] = None,
@@ -105,3 +151,19 @@ def vq_linear_ref(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Op
     if bias is not None:
         y = y + bias.float()
     return y
+
+
+def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Optional[int] = None,
+              scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """:func:`vq_linear_ref` on the compiled kernel (``vmq::vq_linear``) or the twin.
+
+    The CPU kernel decodes the weight and runs one matmul (equal to the twin to fp32 rounding);
+    the CUDA kernel decodes tiles into shared memory and multiplies them in fp16 on the tensor
+    cores with fp32 accumulation (equal to the twin to fp16 rounding of x and w).
+    """
+    cuda_ok = x.dtype in (torch.float32, torch.float16) if x.is_cuda else x.dtype == torch.float32
+    takes = cuda_ok and codes.dim() == 2 and codebook.dim() == 3 and x.dim() >= 1
+    if not use_native("vq_linear", x, backend, takes=takes, why="takes float32 (or, on CUDA, float16) inputs"):
+        return vq_linear_ref(x, codes, codebook, rows_per_group, scale, bias)
+    return torch.ops.vmq.vq_linear(x, codes.to(torch.int32), codebook.half(), int(rows_per_group or codes.shape[0]),
+                                   None if scale is None else scale.half(), None if bias is None else bias.float())

@@ -151,14 +151,20 @@ def bidirectional_scan(
     """Both scan directions and the gate in one call; fp32 (batch, d_inner, seqlen).
 
     Same arithmetic as :func:`bidirectional_scan_quantized_ref` (to fp32 rounding). ``backend``
-    (see :mod:`vmq.ops.backend`): the fused kernel takes fp32 / int8 inputs without gradients.
+    (see :mod:`vmq.ops.backend`): the fused kernel takes fp32 / int8 inputs without gradients,
+    and on CUDA fp16 ones too (the state and the output stay fp32).
     """
     tensors = [t for t in (u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z) if t is not None]
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    dtypes_ok = all(t.dtype in (torch.float32, torch.int8) for t in (u, delta, u_b, delta_b)) and all(
-        t.dtype == torch.float32 for t in (A, B, C, D, A_b, B_b, C_b, D_b, z) if t is not None)
+    # float32 everywhere (u / delta may be int8); on CUDA also float16 u, delta, B, C and z
+    floats = (torch.float32, torch.float16) if u.is_cuda else (torch.float32,)
+    fdtype = B.dtype
+    dtypes_ok = (fdtype in floats and all(t.dtype == fdtype for t in (C, B_b, C_b, z) if t is not None)
+                 and all(t.dtype in (fdtype, torch.int8) for t in (u, delta, u_b, delta_b))
+                 and (not u.is_cuda or all(t.dtype == u.dtype for t in (delta, u_b, delta_b)))
+                 and all(t.dtype == torch.float32 for t in (A, D, A_b, D_b) if t is not None))
     if not use_native("bidirectional_scan", u, backend, takes=dtypes_ok and not grads,
-                      why="takes float32 (or int8 u / delta) inputs without gradients"):
+                      why="takes float32 (or int8 u / delta; on CUDA float16) inputs without gradients"):
         return bidirectional_scan_quantized_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
                                                 delta_softplus, divide_out, u_scale, delta_scale, u_b_scale,
                                                 delta_b_scale)

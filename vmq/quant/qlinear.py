@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
-from vmq.ops.linear import int8_linear
+from vmq.ops import _library
+from vmq.ops.linear import int8_linear, pack_int4, w4a8_linear
 from vmq.ops.quantize import quantize_per_token
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
@@ -163,7 +164,21 @@ class QuantizedLinear(nn.Module):
                                  f"the input has {tokens}")
             scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
         x_q = quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend)
+        if self._use_int4_kernel(x_q):
+            return w4a8_linear(x_q, scale, zp, self._packed_int4(), self.weight_scale, self.bias, backend=self.backend)
         return int8_linear(x_q, scale, zp, self.weight, self.weight_scale, self.bias, backend=self.backend)
+
+    def _use_int4_kernel(self, x_q: Tensor) -> bool:
+        """4-bit weights on CUDA go to the W4A8 kernel (unpacked in the kernel; half the weight traffic)."""
+        return (self.w_bits <= 4 and x_q.is_cuda and self.in_features % 2 == 0 and self.backend in ("auto", "cuda")
+                and _library.has_kernel("w4a8_linear", "cuda"))
+
+    def _packed_int4(self) -> Tensor:
+        """The weights packed two per byte, cached while the weight tensor stays the same."""
+        key = (self.weight.data_ptr(), self.weight.device, self.weight._version)
+        if getattr(self, "_int4_cache", (None,))[0] != key:
+            self._int4_cache = (key, pack_int4(self.weight))
+        return self._int4_cache[1]
 
     def extra_repr(self) -> str:
         a = f"a{self.a_bits} {self.a_strategy}" if self.a_bits else "a16"

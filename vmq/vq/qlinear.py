@@ -1,9 +1,10 @@
 """The frozen VQ linear layer: codes, fp16 codebooks, optional fp16 row scales and static activations.
 
-What ``vmq vq`` produces and a packed file loads into. The weight is rebuilt by
-:func:`vmq.ops.linear.vq_dequantize_ref`; with quantized activations the input first goes
-through :func:`vmq.ops.quantize.quantize_per_token_ref` and back (the weights are not integers,
-so the product runs in fp32 on the dequantized activations).
+What ``vmq vq`` produces and a packed file loads into. The product is
+:func:`vmq.ops.linear.vq_linear` (the ``vmq::vq_linear`` kernel, which decodes the weight from
+its codes, or its twin ``vq_linear_ref``), chosen by the layer's ``backend``; with quantized
+activations the input first goes through :func:`vmq.ops.quantize.quantize_per_token` and back
+(the weights are not integers, so the product runs on the dequantized activations).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
-from vmq.ops.linear import vq_dequantize_ref, vq_linear_ref
-from vmq.ops.quantize import dequantize_per_token_ref, quantize_per_token_ref
+from vmq.ops.linear import vq_dequantize_ref, vq_linear
+from vmq.ops.quantize import dequantize_per_token_ref, quantize_per_token
 
 
 class VQLinear(nn.Module):
@@ -51,6 +52,7 @@ class VQLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if a_bits is None else input_scale.float())
         self.register_buffer("input_zero_point", None if a_bits is None else input_zero_point.to(torch.int32))
+        self.backend = "auto"  # kernel choice (vmq.ops.backend)
         if (cols - 1) * dim >= self.in_features or cols * dim < self.in_features:
             raise ValueError(f"{cols} codes of dim {dim} per row do not cover {self.in_features} inputs")
         if -(-self.out_features // self.rows_per_group) != groups:
@@ -73,9 +75,9 @@ class VQLinear(nn.Module):
                 raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
                                f"the input has {tokens}")
             scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
-            x = dequantize_per_token_ref(quantize_per_token_ref(x, scale, zp, self.a_bits), scale, zp)
-        return vq_linear_ref(x, self.weight_codes, self.weight_codebook, self.rows_per_group, self.weight_scale,
-                             self.bias)
+            x = dequantize_per_token_ref(quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend), scale, zp)
+        return vq_linear(x, self.weight_codes, self.weight_codebook, self.rows_per_group, self.weight_scale,
+                         self.bias, backend=self.backend)
 
     def storage_bits(self) -> dict:
         """Bits of codes, codebooks and scales, and the layer's weight count."""

@@ -1,0 +1,88 @@
+// Launchers of vmq's CUDA kernels: raw pointers and sizes only, so that the .cu files compile
+// without torch headers. The .cpp bindings beside them check tensors, pick the stream and call
+// these; each returns the launch's cudaError_t.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace vmq::cuda {
+
+// ---- integer GEMM (int8_gemm.cu) ------------------------------------------------------------
+// y[m, n] = (sum_k x[m,k] w[n,k] - zp[r] * w_sum[n]) * (x_scale[r] * w_scale[n]) + bias[n],
+// r = m % rows_per_param; with out_scale: requantized to uint8 (quantize_per_token_ref).
+// x: uint8 (M, K) row-major; w: int8 (N, K) (w_bits 8) or two 4-bit values per byte, low nibble
+// first, (N, K/2) (w_bits 4).
+struct GemmArgs {
+  const uint8_t* x;
+  const void* w;
+  const int32_t* w_sum;
+  const float* x_scale;
+  const int32_t* x_zero_point;
+  const float* w_scale;
+  const float* bias;        // or null
+  const float* out_scale;   // or null: float output
+  const int32_t* out_zero_point;
+  float* out_f;             // (M, N) when out_scale is null
+  uint8_t* out_q;           // (M, N) when out_scale is set
+  int64_t m, n, k, rows_per_param;
+  int out_bits;
+};
+cudaError_t launch_int_gemm(const GemmArgs& a, int w_bits, cudaStream_t stream);
+
+// q = clamp(rint(x / scale[r]) + zero_point[r], 0, 2^bits - 1), r = row % rows_per_param
+cudaError_t launch_quantize_per_token(const float* x, const float* scale, const float* zero_point, uint8_t* q,
+                                      int64_t rows, int64_t cols, int64_t rows_per_param, int bits,
+                                      cudaStream_t stream);
+
+// ---- fused bidirectional scan (selective_scan.cu) --------------------------------------------
+enum class ScanType { kFloat, kHalf, kInt8 };
+
+struct ScanTensor {  // (batch, d_inner, seqlen) or (batch, d_state, seqlen) read through strides
+  const void* p;
+  int64_t s0, s1, s2;
+};
+
+struct ScanDirection {
+  ScanTensor u, delta, B, C;
+  const float* u_scale;      // (seqlen,) when u is int8
+  const float* delta_scale;  // (seqlen,) when delta is int8
+  const float* A;            // (d_inner, d_state) contiguous
+  const float* D;            // (d_inner,) or null
+};
+
+struct ScanArgs {
+  ScanDirection fwd, bwd;
+  ScanTensor z;              // z.p null: no gate
+  ScanType value_type;       // u, delta
+  ScanType float_type;       // B, C, z: kFloat or kHalf
+  int64_t batch, dim, len, d_state;
+  bool softplus, divide_out;
+  float* out;                // (batch, seqlen, d_inner) contiguous
+};
+constexpr int kScanMaxState = 64;
+cudaError_t launch_bidirectional_scan(const ScanArgs& a, cudaStream_t stream);
+
+// ---- VQ-weight GEMM (vq_gemm.cu) -------------------------------------------------------------
+// y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], w[n, j*d + i] = codebook[n / rows_per_group,
+// codes[n, j], i] * scale[n]; the weight tile is decoded into shared memory as fp16 and
+// multiplied on the tensor cores with fp32 accumulation.
+struct VqGemmArgs {
+  const void* x;        // (M, K) float32 or float16, row-major
+  bool x_half;
+  const int32_t* codes; // (N, cols)
+  const uint16_t* codebook;  // fp16 bits, (G, size, dim)
+  const uint16_t* scale;     // fp16 bits, (N,) or null
+  const float* bias;    // (N,) or null
+  float* out;           // (M, N)
+  int64_t m, n, k, cols, size, dim, rows_per_group;
+};
+cudaError_t launch_vq_gemm(const VqGemmArgs& a, cudaStream_t stream);
+
+// ---- k-means assignment (kmeans_assign.cu) ---------------------------------------------------
+// codes[i] = argmin_k sum_j w[i,j] (x[i,j] - c[k,j])^2 (lowest index on ties), dist[i] its value.
+constexpr int kKmeansMaxDim = 32;
+cudaError_t launch_kmeans_assign(const float* x, const float* w, int64_t w_row_stride, const float* centroids,
+                                 int64_t n, int64_t k, int64_t d, int64_t* codes, float* dist,
+                                 cudaStream_t stream);
+
+}  // namespace vmq::cuda

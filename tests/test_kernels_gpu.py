@@ -1,0 +1,145 @@
+"""CUDA kernels of vmq._C held to their PyTorch twins (marker ``gpu``: skipped without a CUDA device).
+
+The integer kernels (int8_linear, w4a8_linear, quantize_per_token) must be bit-identical to the
+twins, like their CPU counterparts; the scan equals its twin to fp32 rounding (fp16 inputs to
+fp16 rounding); the VQ GEMM to the fp16 rounding of its tensor-core inputs; the k-means
+assignment finds a nearest centroid.
+"""
+
+import pytest
+import timm
+import torch
+
+import vmq.models  # noqa: F401
+from tests.test_kernels import _linear_inputs, _scan_inputs, _vq_inputs
+from vmq.ops import _library
+from vmq.ops.backend import set_backend
+from vmq.ops.kmeans import assign, assign_ref
+from vmq.ops.linear import int8_linear, int8_linear_ref, pack_int4, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref
+from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
+from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(_library.NATIVE is None or not getattr(_library.NATIVE, "cuda_built", False),
+                                 reason="vmq._C was built without CUDA kernels")]
+
+
+def cuda(ts):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+SHAPES = [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (1, 13, 192, 38), (2, 9, 6, 192), (1, 7, 33, 17),
+          (2, 197, 384, 1536), (64, 197, 768, 3072)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_int8_linear_cuda_is_bit_identical(shape, per_row):
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape, per_row=per_row)
+    ref = int8_linear_ref(x_q, xs, zp, w, ws, bias)
+    out = int8_linear(*cuda((x_q, xs, zp, w, ws, bias)), backend="cuda")
+    assert out.is_cuda and torch.equal(out.cpu(), ref)
+    for bits in (8, 4):
+        ref = int8_linear_ref(x_q, xs, zp, w, ws, bias, os_, oz % (1 << bits), bits)
+        out = int8_linear(*cuda((x_q, xs, zp, w, ws, bias, os_, oz % (1 << bits))), bits, backend="cuda")
+        assert out.dtype == torch.uint8 and torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] % 2 == 0])
+def test_w4a8_linear_cuda_is_bit_identical(shape):
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape)
+    packed = pack_int4(torch.clamp(w, -8, 7))
+    ref = w4a8_linear_ref(x_q, xs, zp, packed, ws, bias)
+    assert torch.equal(w4a8_linear(*cuda((x_q, xs, zp, packed, ws, bias)), backend="cuda").cpu(), ref)
+    ref = w4a8_linear_ref(x_q, xs, zp, packed, ws, None, os_, oz, 8)
+    assert torch.equal(w4a8_linear(*cuda((x_q, xs, zp, packed, ws, None, os_, oz)), 8, backend="cuda").cpu(), ref)
+
+
+def test_int8_linear_cuda_worst_case_sums():
+    k, n = 4096, 64
+    x_q = torch.full((1, 4, k), 255, dtype=torch.uint8)
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    args = (x_q, torch.ones(4), torch.zeros(4, dtype=torch.int32), w, torch.ones(n))
+    assert torch.equal(int8_linear(*cuda(args), backend="cuda").cpu(), torch.full((1, 4, n), -255.0 * 128 * k))
+
+
+def test_quantize_per_token_cuda_is_bit_identical():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 10, 37, generator=g) * 4
+    scale = torch.rand(10, generator=g) * 0.05 + 0.01
+    zp = torch.randint(0, 256, (10,), dtype=torch.int32, generator=g)
+    x[0, 0, :8] = (torch.arange(8) + 0.5) * scale[0]  # exact halves round to even
+    for bits in (8, 6, 4):
+        out = quantize_per_token(*cuda((x, scale, zp % (1 << bits))), bits, backend="cuda")
+        assert torch.equal(out.cpu(), quantize_per_token_ref(x, scale, zp % (1 << bits), bits))
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 13, 16), (2, 16, 7, 5), (1, 8, 1, 16), (3, 200, 197, 16), (1, 24, 40, 48)])
+@pytest.mark.parametrize("token_major", [False, True])
+def test_bidirectional_scan_cuda_matches_twin(shape, token_major):
+    args = _scan_inputs(*shape, token_major=token_major)
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, divide_out=True)
+    out = bidirectional_scan(*cuda(args), delta_softplus=True, divide_out=True, backend="cuda")
+    assert out.stride(1) == 1  # token-major storage
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
+    b, d, l, n = 2, 64, 33, 16
+    args = _scan_inputs(b, d, l, n, seed=3)
+    g = torch.Generator().manual_seed(1)
+    q = [torch.randint(-127, 128, (b, d, l), dtype=torch.int8, generator=g) for _ in range(4)]
+    s = [torch.rand(l, generator=g) * 0.02 + 1e-3 for _ in range(4)]
+    qargs = list(args)
+    qargs[0], qargs[1], qargs[6], qargs[7] = q
+    ref = bidirectional_scan_quantized_ref(*qargs, True, True, *s)
+    out = bidirectional_scan(*cuda(qargs), True, True, *cuda(s), backend="cuda")
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
+    half = [t.half() if t is not None and i in (0, 1, 3, 4, 6, 7, 9, 10, 12) else t for i, t in enumerate(args)]
+    ref = bidirectional_scan_quantized_ref(*[t.float() if t is not None else t for t in half], True, True)
+    out = bidirectional_scan(*cuda(half), True, True, backend="cuda")
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", [(5, 16, 8, 4, 16, 8), (7, 30, 13, 4, 4, 5), (65, 192, 384, 8, 256, 384),
+                                  (197, 768, 3072, 4, 256, 768)])
+def test_vq_linear_cuda_matches_twin(case):
+    x, codes, cb, rpg, s, bias = _vq_inputs(*case)
+    # the tensor cores multiply fp16 inputs: compare with the twin on fp16-rounded activations
+    ref = vq_linear_ref(x.half().float(), codes, cb, rpg, s, bias)
+    out = vq_linear(*cuda((x, codes, cb)), rpg, *cuda((s, bias)), backend="cuda")
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("n,k,d", [(1000, 16, 4), (5000, 300, 8), (777, 5, 1), (2000, 64, 32)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_assign_cuda_finds_a_nearest_centroid(n, k, d, weighted):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    w = torch.rand(d, generator=g) if weighted else None
+    codes, dist = assign(*cuda((x, c)), w=None if w is None else w.cuda(), return_dist=True, backend="cuda")
+    ref_codes, ref_dist = assign_ref(x.double(), c.double(), None if w is None else w.double(), return_dist=True)
+    torch.testing.assert_close(dist.cpu().double(), ref_dist, rtol=1e-4, atol=1e-4)
+    wd = torch.ones(d, dtype=torch.float64) if w is None else w.double()
+    chosen = (wd * (x.double() - c.double()[codes.cpu()]) ** 2).sum(1)
+    assert torch.all(chosen <= ref_dist + 1e-4)  # the chosen centroid is (to rounding) a nearest one
+    assert (codes.cpu() == ref_codes).float().mean() > 0.99
+
+
+def test_opcheck_cuda():
+    from tests.test_kernels import _opcheck_cases
+
+    cases = _opcheck_cases()
+    for name in ("bidirectional_scan", "int8_linear", "int8_linear_requant", "w4a8_linear", "quantize_per_token",
+                 "vq_linear", "kmeans_assign"):
+        torch.library.opcheck(getattr(torch.ops.vmq, name.replace("_requant", "")), tuple(cuda(cases[name])))
+
+
+def test_model_forward_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = set_backend(model, "ref")(x)
+        out = set_backend(model.cuda(), "cuda")(x.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
