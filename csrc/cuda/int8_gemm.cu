@@ -2,9 +2,8 @@
 // epilogue of vmq.ops.linear.int8_linear_ref: zero-point correction, per-token x per-channel
 // scales, bias, and optionally the requantization of the output for the next layer.
 //
-// Tiles: 64 x 64 outputs per block of 4 warps (each warp 32 x 32: 2 x 4 mma tiles), K in steps
-// of 64. Activations and weights are staged in shared memory with rows padded to 80 bytes, so
-// that the fragment loads (8 rows x 4 words per instruction) hit 32 distinct banks. 4-bit weights
+// Tiles (warp_tile.cuh): 64 x 64 outputs per block of 4 warps, K in stages of 64. Activations
+// and weights are staged in shared memory with rows padded to 80 bytes (conflict-free fragments). 4-bit weights
 // are unpacked to int8 on their way into shared memory. Partial tiles are zero-filled: a zero
 // activation times a zero weight adds nothing, and the zero-point term uses the true row sums.
 //
@@ -14,11 +13,15 @@
 #include <algorithm>
 
 #include "cuda/launchers.h"
+#include "cuda/warp_tile.cuh"
 
 namespace vmq::cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBK = 64, kLds = kBK + 16, kThreads = 128;
+using tile::kBM;
+using tile::kBN;
+using tile::kThreads;
+constexpr int kBK = 64, kLds = tile::kRowBytes;  // two 32-byte k-steps per stage
 
 __device__ __forceinline__ void mma_u8s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -60,8 +63,8 @@ template <int kWBits>
 __global__ void __launch_bounds__(kThreads) int_gemm_kernel(GemmArgs a, bool vec_x, bool vec_w) {
   __shared__ __align__(16) uint8_t xs[kBM * kLds];
   __shared__ __align__(16) uint8_t ws[kBN * kLds];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x;
+  const tile::Lane lane;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const uint8_t* w8 = static_cast<const uint8_t*>(a.w);
   int acc[2][4][4] = {};
@@ -110,20 +113,7 @@ __global__ void __launch_bounds__(kThreads) int_gemm_kernel(GemmArgs a, bool vec
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 32) {
       uint32_t af[2][4], bf[4][2];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const uint8_t* base = xs + (wm * 32 + mi * 16 + g) * kLds + ks + t * 4;
-        af[mi][0] = *reinterpret_cast<const uint32_t*>(base);
-        af[mi][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kLds);
-        af[mi][2] = *reinterpret_cast<const uint32_t*>(base + 16);
-        af[mi][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kLds + 16);
-      }
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const uint8_t* base = ws + (wn * 32 + ni * 8 + g) * kLds + ks + t * 4;
-        bf[ni][0] = *reinterpret_cast<const uint32_t*>(base);
-        bf[ni][1] = *reinterpret_cast<const uint32_t*>(base + 16);
-      }
+      tile::load_fragments(xs, ws, ks, lane, af, bf);
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -133,37 +123,19 @@ __global__ void __launch_bounds__(kThreads) int_gemm_kernel(GemmArgs a, bool vec
     __syncthreads();
   }
 
-  // epilogue: accumulator c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g + 8
+  // epilogue, in the twin's order: (acc - zp * sum w) * (x_scale * w_scale) + bias [-> requantize]
   const float qmax = static_cast<float>((1 << a.out_bits) - 1);
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = m0 + wm * 32 + mi * 16 + g + half * 8;
-      if (row >= a.m) continue;
-      const int64_t r = row % a.rows_per_param;
-      const float xsc = a.x_scale[r];
-      const int32_t zp = a.x_zero_point[r];
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t col = n0 + wn * 32 + ni * 8 + 2 * t + e;
-          if (col >= a.n) continue;
-          const int32_t v = acc[mi][ni][half * 2 + e] - zp * a.w_sum[col];
-          float y = __fmul_rn(__int2float_rn(v), __fmul_rn(xsc, a.w_scale[col]));
-          if (a.bias) y = __fadd_rn(y, a.bias[col]);
-          if (a.out_scale) {
-            float q = rintf(__fdiv_rn(y, a.out_scale[r])) + static_cast<float>(a.out_zero_point[r]);
-            q = fminf(fmaxf(q, 0.f), qmax);
-            a.out_q[row * a.n + col] = static_cast<uint8_t>(q);
-          } else {
-            a.out_f[row * a.n + col] = y;
-          }
-        }
-      }
+  tile::for_each_output(acc, m0, n0, a.m, a.n, lane, [&](int64_t row, int64_t col, int32_t sum) {
+    const int64_t r = row % a.rows_per_param;
+    float y = __fmul_rn(__int2float_rn(sum - a.x_zero_point[r] * a.w_sum[col]), __fmul_rn(a.x_scale[r], a.w_scale[col]));
+    if (a.bias) y = __fadd_rn(y, a.bias[col]);
+    if (a.out_scale) {
+      const float q = rintf(__fdiv_rn(y, a.out_scale[r])) + static_cast<float>(a.out_zero_point[r]);
+      a.out_q[row * a.n + col] = static_cast<uint8_t>(fminf(fmaxf(q, 0.f), qmax));
+    } else {
+      a.out_f[row * a.n + col] = y;
     }
-  }
+  });
 }
 
 __global__ void quantize_kernel(const float* __restrict__ x, const float* __restrict__ scale,

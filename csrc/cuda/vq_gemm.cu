@@ -1,20 +1,23 @@
 // VQ-weight GEMM on CUDA: the kernel of vmq::vq_linear.
 //
-// Each block computes 64 x 64 outputs with 4 warps (each 32 x 32: 2 x 4 mma tiles of
-// m16n8k16, fp16 inputs, fp32 accumulation). Per step of 32 input features, the block decodes
+// Each block computes 64 x 64 outputs with 4 warps (warp_tile.cuh; mma m16n8k16, fp16 inputs,
+// fp32 accumulation). Per step of 32 input features, the block decodes
 // its 64 weight rows from their codes: codeword codes[n, k / dim] of the row's codebook, element
 // k % dim, times the row's scale; the decoded tile goes to shared memory as fp16 and straight
 // into the tensor cores (no weight matrix in global memory). Activations (fp32 or fp16) are
-// converted to fp16 on their way into shared memory. Rows are padded to 40 halves (80 bytes) so
-// that fragment loads are free of bank conflicts.
+// converted to fp16 on their way into shared memory.
 #include <cuda_fp16.h>
 
 #include "cuda/launchers.h"
+#include "cuda/warp_tile.cuh"
 
 namespace vmq::cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBK = 32, kLds = kBK + 8, kThreads = 128;
+using tile::kBM;
+using tile::kBN;
+using tile::kThreads;
+constexpr int kBK = 32, kLds = tile::kRowBytes / 2;  // 32 halves (two 16-half k-steps) per stage, rows of 40 halves
 
 __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -30,8 +33,8 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], c
 __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
   __shared__ __align__(16) __half xs[kBM * kLds];
   __shared__ __align__(16) __half ws[kBN * kLds];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x;
+  const tile::Lane lane;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const __half* cb = reinterpret_cast<const __half*>(a.codebook);
   const __half* sc = reinterpret_cast<const __half*>(a.scale);
@@ -64,20 +67,8 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       uint32_t af[2][4], bf[4][2];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const __half* base = xs + (wm * 32 + mi * 16 + g) * kLds + ks + 2 * t;
-        af[mi][0] = *reinterpret_cast<const uint32_t*>(base);
-        af[mi][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kLds);
-        af[mi][2] = *reinterpret_cast<const uint32_t*>(base + 8);
-        af[mi][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kLds + 8);
-      }
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const __half* base = ws + (wn * 32 + ni * 8 + g) * kLds + ks + 2 * t;
-        bf[ni][0] = *reinterpret_cast<const uint32_t*>(base);
-        bf[ni][1] = *reinterpret_cast<const uint32_t*>(base + 8);
-      }
+      tile::load_fragments(reinterpret_cast<const uint8_t*>(xs), reinterpret_cast<const uint8_t*>(ws), 2 * ks, lane,
+                           af, bf);
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -86,22 +77,9 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = m0 + wm * 32 + mi * 16 + g + half * 8;
-      if (row >= a.m) continue;
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t col = n0 + wn * 32 + ni * 8 + 2 * t + e;
-          if (col < a.n) a.out[row * a.n + col] = acc[mi][ni][half * 2 + e] + (a.bias ? a.bias[col] : 0.f);
-        }
-      }
-    }
-  }
+  tile::for_each_output(acc, m0, n0, a.m, a.n, lane, [&](int64_t row, int64_t col, float v) {
+    a.out[row * a.n + col] = a.bias ? v + a.bias[col] : v;
+  });
 }
 
 }  // namespace
