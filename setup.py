@@ -88,7 +88,9 @@ def extensions():
     if build_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        # no --use_fast_math: its flush-to-zero would break the integer kernels' bit-identical epilogues
+        # (the scan calls the fast __expf where it wants it)
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension("vmq._C", sources, define_macros=[("VMQ_WITH_CUDA", "1")],
                                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     else:

@@ -100,7 +100,7 @@ def _linear_inputs(batch, tokens, k, n, seed=0, per_row=False):
 
 @native
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (1, 13, 192, 38), (2, 9, 6, 192),
-                                   (1, 7, 33, 17), (2, 197, 384, 1536)])
+                                   (1, 7, 33, 17), (2, 197, 384, 1536), (2, 3, 0, 4)])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_int8_linear_is_bit_identical_to_twin(shape, per_row):
     x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape, per_row=per_row)

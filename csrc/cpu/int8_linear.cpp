@@ -13,6 +13,7 @@
 // Weights are repacked per call into blocks of 16 output channels (a pass over N x K bytes,
 // small next to the M x N x K product); a 6 x 16 register tile accumulates 6 rows at a time.
 #include <torch/library.h>
+#include <c10/util/accumulate.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -207,7 +208,8 @@ at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const a
               "int8_linear: x_q must be a uint8 CPU tensor (..., tokens, in_features)");
   TORCH_CHECK(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2,
               "int8_linear: w_q must be an int8 CPU tensor (out_features, in_features)");
-  const int64_t k = x_q.size(-1), n = w_q.size(0), tokens = x_q.size(-2), m = x_q.numel() / std::max<int64_t>(k, 1);
+  const int64_t k = x_q.size(-1), n = w_q.size(0), tokens = x_q.size(-2);
+  const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);  // rows, also when k = 0
   TORCH_CHECK(w_q.size(1) == k, "int8_linear: in_features differ: ", k, " vs ", w_q.size(1));
   check_per_token(x_scale, at::kFloat, tokens, m, "x_scale");
   check_per_token(x_zero_point, at::kInt, tokens, m, "x_zero_point");

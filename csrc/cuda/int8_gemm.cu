@@ -8,8 +8,8 @@
 // activation times a zero weight adds nothing, and the zero-point term uses the true row sums.
 //
 // The integer sum is exact; the epilogue uses correctly rounded operations (__fmul_rn, ...)
-// in the twin's order, so the result is bit-identical to int8_linear_ref whatever nvcc's
-// fast-math flags.
+// in the twin's order, so the result is bit-identical to int8_linear_ref. (The CUDA sources are
+// built without --use_fast_math, whose flush-to-zero would change subnormal results.)
 #include <algorithm>
 
 #include "cuda/launchers.h"
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) int_gemm_kernel(GemmArgs a, bool vec
   __shared__ __align__(16) uint8_t ws[kBN * kLds];
   const int tid = threadIdx.x;
   const tile::Lane lane;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const uint8_t* w8 = static_cast<const uint8_t*>(a.w);
   int acc[2][4][4] = {};
 
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) int_gemm_kernel(GemmArgs a, bool vec
       for (int j = 0; j < 2; ++j) {
         const int c = tid + j * kThreads, r = c >> 2, cb = (c & 3) * 8;
         uint2 v = make_uint2(0u, 0u);
-        uint8_t tmp[16];
+        alignas(16) uint8_t tmp[16];
         const int64_t row = n0 + r, byte0 = k0 / 2 + cb;
         if (row < a.n) {
           const uint8_t* src = w8 + row * kb + byte0;
@@ -154,7 +154,8 @@ __global__ void quantize_kernel(const float* __restrict__ x, const float* __rest
 
 cudaError_t launch_int_gemm(const GemmArgs& a, int w_bits, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((a.n + kBN - 1) / kBN), static_cast<unsigned>((a.m + kBM - 1) / kBM));
+  // rows on x (up to 2^31 - 1 blocks), output channels on y
+  const dim3 grid(static_cast<unsigned>((a.m + kBM - 1) / kBM), static_cast<unsigned>((a.n + kBN - 1) / kBN));
   const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const bool vec_x = a.k % 16 == 0 && aligned(a.x);
   if (w_bits == 8) {

@@ -4,6 +4,8 @@
 #include <optional>
 #include <vector>
 
+#include <c10/util/accumulate.h>
+
 #include "cuda/binding.h"
 
 namespace {
@@ -29,7 +31,8 @@ at::Tensor int_linear(const char* op, int w_bits, const at::Tensor& x_q, const a
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), op, ": ", w_name,
               " must be ", w_bits == 8 ? "int8 (out_features, in_features)" : "uint8 (out_features, in_features / 2)");
   vmq::cuda::check_tensor_cores(x_q, op);
-  const int64_t k = x_q.size(-1), n = w.size(0), tokens = x_q.size(-2), m = x_q.numel() / std::max<int64_t>(k, 1);
+  const int64_t k = x_q.size(-1), n = w.size(0), tokens = x_q.size(-2);
+  const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);  // rows, also when k = 0
   if (w_bits == 8) {
     TORCH_CHECK(w.size(1) == k, op, ": in_features differ: ", k, " vs ", w.size(1));
   } else {

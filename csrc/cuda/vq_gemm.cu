@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
   __shared__ __align__(16) __half ws[kBN * kLds];
   const int tid = threadIdx.x;
   const tile::Lane lane;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const __half* cb = reinterpret_cast<const __half*>(a.codebook);
   const __half* sc = reinterpret_cast<const __half*>(a.scale);
   float acc[2][4][4] = {};
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
 
 cudaError_t launch_vq_gemm(const VqGemmArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((a.n + kBN - 1) / kBN), static_cast<unsigned>((a.m + kBM - 1) / kBM));
+  const dim3 grid(static_cast<unsigned>((a.m + kBM - 1) / kBM), static_cast<unsigned>((a.n + kBN - 1) / kBN));
   vq_gemm_kernel<<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

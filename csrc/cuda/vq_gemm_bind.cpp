@@ -4,6 +4,8 @@
 #include <optional>
 #include <vector>
 
+#include <c10/util/accumulate.h>
+
 #include "cuda/binding.h"
 
 namespace {
@@ -21,7 +23,8 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
               ": codebook must be float16 (groups, size, dim)");
   vmq::cuda::check_tensor_cores(x, kOp);
   const int64_t k = x.size(-1), n = codes.size(0), cols = codes.size(1), groups = codebook.size(0),
-                size = codebook.size(1), dim = codebook.size(2), m = x.numel() / std::max<int64_t>(k, 1);
+                size = codebook.size(1), dim = codebook.size(2);
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK(cols * dim >= k && (cols - 1) * dim < k, kOp, ": ", cols, " codes of dim ", dim, " per row do not cover ",
               k, " inputs");
   TORCH_CHECK(rows_per_group >= 1 && (n + rows_per_group - 1) / rows_per_group == groups, kOp, ": ", n,
