@@ -24,8 +24,9 @@ the CPU ones), shapes of Vim-B (d_model 768, d_inner 1536, 197 tokens) at batch 
 End to end on GPU: ``vmq bench FILE --device cuda``.
 Medians of ``--repeats`` timed runs after a warm-up; the two sides of a ratio alternate run by
 run, so that drifts of the machine's speed hit both. ``ratio`` is baseline time / kernel time.
-"fraction of peak" uses the nominal peak of the cores (fp32: 2 FMA x 8 lanes per cycle; int16
-pair products: 2 x 16 per cycle) at the clock /proc/cpuinfo reports: an estimate.
+"fraction of peak" uses the nominal integer peak of the cores for the int8 path the build took
+(``vmq._C.cpu_isa``: avx512-vnni, one 64-product vpdpbusd per cycle; avx2, two 16-product
+vpmaddwd per cycle) at the clock /proc/cpuinfo reports: an estimate, which boost clocks exceed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+MACS_PER_CYCLE = {"avx512-vnni": 64, "avx2": 32}  # int8 products per cycle and core, by vmq._C.cpu_isa
 
 
 def interleaved(fns, repeats):
@@ -270,7 +274,8 @@ def main() -> None:
         raise SystemExit(f"vmq._C is {_library.NATIVE_ERROR}: build it with `make install`")
     torch.set_num_threads(args.threads)
     ghz = cpu_ghz()
-    peak_int = args.threads * ghz * 1e9 * 32  # int16 pair products (MACs) per second
+    isa = getattr(_library.NATIVE, "cpu_isa", "generic")
+    peak_int = args.threads * ghz * 1e9 * MACS_PER_CYCLE.get(isa, 1)  # int8 products per second
     rows = []
     if not args.gpu_only:
         scan_cases(args.repeats, rows)
@@ -284,9 +289,9 @@ def main() -> None:
     elif args.gpu_only:
         raise SystemExit("--gpu-only: no CUDA device")
     if args.json:
-        print(json.dumps({"threads": args.threads, "cpu_ghz": ghz, "rows": rows}, indent=2))
+        print(json.dumps({"threads": args.threads, "cpu_ghz": ghz, "cpu_isa": isa, "rows": rows}, indent=2))
         return
-    print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz")
+    print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz, int8 path {isa}")
     print(f"{'case':<62} {'kernel ms':>10} {'baseline ms':>12} {'ratio':>7}  baseline")
     for r in rows:
         extra = f"  ({100 * r['fraction_of_peak']:.0f} % of int peak)" if r.get("fraction_of_peak") else ""

@@ -9,7 +9,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
-#ifdef __AVX2__
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  m.attr("cpu_isa") = "avx512-vnni";  // the int8 linear's vpdpbusd path
+#elif defined(__AVX2__)
   m.attr("cpu_isa") = "avx2";
 #else
   m.attr("cpu_isa") = "generic";

@@ -7,6 +7,7 @@ error instead). GPU kernels' tests carry the ``gpu`` marker.
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
@@ -14,6 +15,7 @@ from vmq.ops import _library
 from vmq.ops.backend import set_backend, use_native
 from vmq.ops.linear import (int8_linear, int8_linear_ref, pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref,
                             w4a8_linear, w4a8_linear_ref)
+from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
 
@@ -132,6 +134,7 @@ def test_quantize_per_token_is_bit_identical_to_twin():
     zp = torch.randint(0, 256, (10,), dtype=torch.int32, generator=g)
     # exact halves: round half to even
     x[0, 0, :8] = (torch.arange(8) + 0.5) * scale[0]
+    x[1, 1, :4] = torch.tensor([1e30, -1e30, 3e7, -3e7])  # beyond the exact-rounding range: clamped
     for bits in (8, 6, 4):
         assert torch.equal(quantize_per_token(x, scale, zp % (1 << bits), bits, backend="cpu"),
                            quantize_per_token_ref(x, scale, zp % (1 << bits), bits))
@@ -191,6 +194,52 @@ def test_vq_linear_matches_twin(case, scale):
         torch.ops.vmq.vq_linear(x, bad, cb, rpg, s, bias)
 
 
+def _conv_inputs(b, d, l, k, seed=0, token_major=True, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, d, generator=g).transpose(1, 2) if token_major else torch.randn(b, d, l, generator=g)
+    w, w_b = torch.randn(d, k, generator=g), torch.randn(d, k, generator=g)
+    bs = (torch.randn(d, generator=g), torch.randn(d, generator=g)) if bias else (None, None)
+    return x, w, bs[0], w_b, bs[1]
+
+
+@native
+@pytest.mark.parametrize("shape", [(2, 19, 13, 4), (1, 8, 1, 4), (3, 40, 30, 3), (2, 16, 2, 4), (1, 5, 7, 1),
+                                   (2, 192, 65, 4)])
+@pytest.mark.parametrize("token_major", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bidirectional_conv1d_silu_matches_twin(shape, token_major, bias):
+    args = _conv_inputs(*shape, token_major=token_major, bias=bias)
+    u, u_b = bidirectional_conv1d_silu(*args, backend="cpu")
+    ref, ref_b = bidirectional_conv1d_silu_ref(*args)
+    for out, want in ((u, ref), (u_b, ref_b)):
+        assert out.shape == want.shape and out.dtype == torch.float32
+        assert out.transpose(1, 2).is_contiguous()  # token-major storage
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_conv1d_silu_ref_is_the_official_flip_conv_flip():
+    x, w, bias, w_b, bias_b = _conv_inputs(2, 6, 9, 4, seed=3, token_major=False)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    with torch.no_grad():
+        conv.weight.copy_(w_b[:, None])
+        conv.bias.copy_(bias_b)
+        want = F.silu(conv(x.flip(-1))[..., :9]).flip(-1)
+    _, u_b = bidirectional_conv1d_silu_ref(x, w, bias, w_b, bias_b)
+    torch.testing.assert_close(u_b, want)
+
+
+@native
+def test_bidirectional_conv1d_silu_falls_back_for_gradients_and_checks_shapes():
+    x, w, bias, w_b, bias_b = _conv_inputs(1, 8, 5, 4)
+    w.requires_grad_(True)
+    u, _ = bidirectional_conv1d_silu(x, w, bias, w_b, bias_b)  # auto: the differentiable twin
+    assert u.requires_grad
+    with pytest.raises(VmqError, match="without gradients"):
+        bidirectional_conv1d_silu(x, w, bias, w_b, bias_b, backend="cpu")
+    with pytest.raises(RuntimeError, match="weight_b must be float32"):
+        torch.ops.vmq.bidirectional_conv1d_silu(x, w.detach(), bias, w_b[:4], bias_b)
+
+
 def _opcheck_cases():
     scan = _scan_inputs(2, 12, 5, 4)
     lin = _linear_inputs(2, 3, 10, 7)
@@ -201,6 +250,7 @@ def _opcheck_cases():
     A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
     return {
         "bidirectional_scan": (*scan[:13], None, None, None, None, True, True),
+        "bidirectional_conv1d_silu": _conv_inputs(2, 12, 5, 4),
         "int8_linear": (*lin[:6], None, None, 8),
         "int8_linear_requant": (*lin, 8),
         "w4a8_linear": (*lin[:3], pack_int4(torch.clamp(lin[3], -8, 7)[:, :10]), *lin[4:], 8),

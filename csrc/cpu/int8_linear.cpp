@@ -6,12 +6,16 @@
 // The twin is vmq.ops.linear.int8_linear_ref; the result is bit-identical to it.
 //
 // x_q is uint8 (0..255) and w int8, so the AVX2 "u8 x s8 -> saturating s16 pair sum"
-// instruction (vpmaddubsw) could overflow: 2 * 255 * 128 > 32767. Both operands are widened to
-// int16 instead and multiplied with vpmaddwd (s16 x s16 -> exact s32 pair sums), which is exact
-// for every input. sum_k x_q w is accumulated and zp[m] * sum_k w[n, k] subtracted at the end.
+// instruction (vpmaddubsw) could overflow: 2 * 255 * 128 > 32767. Two exact schemes instead:
+// * AVX-512 VNNI (vpdpbusd: u8 x s8 products, four at a time, added into int32 lanes without
+//   saturation), used when the build targets it: 64 products per instruction;
+// * otherwise AVX2: both operands widened to int16 and multiplied with vpmaddwd (s16 x s16 ->
+//   exact s32 pair sums): 16 products per instruction.
+// sum_k x_q w is accumulated and zp[m] * sum_k w[n, k] subtracted at the end.
 //
-// Weights are repacked per call into blocks of 16 output channels (a pass over N x K bytes,
-// small next to the M x N x K product); a 6 x 16 register tile accumulates 6 rows at a time.
+// Weights are repacked per call into blocks of 16 output channels, kGk consecutive inputs per
+// lane (a pass over N x K bytes, small next to the M x N x K product); a register tile
+// accumulates kMr rows x 16 channels at a time.
 #include <torch/library.h>
 #include <c10/util/accumulate.h>
 #include <ATen/ATen.h>
@@ -23,14 +27,32 @@
 #include <optional>
 #include <vector>
 
-#ifdef __AVX2__
+#include "cpu/vec_math.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define VMQ_INT8_VNNI 1
 #endif
 
 namespace {
 
+using vmq::cpu::splat;
+using vmq::cpu::v8f;
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
 constexpr int64_t kNr = 16;  // output channels per block
-constexpr int64_t kMr = 6;   // rows per register tile
+#ifdef VMQ_INT8_VNNI
+constexpr int64_t kMr = 8;   // rows per register tile
+constexpr int64_t kGk = 4;   // consecutive inputs per weight lane (one vpdpbusd quad)
+using XLane = uint8_t;       // activations as they are
+#else
+constexpr int64_t kMr = 6;
+constexpr int64_t kGk = 2;   // one vpmaddwd pair
+using XLane = int16_t;       // activations widened
+#endif
 
 struct Epilogue {
   const float *x_scale, *w_scale, *bias, *out_scale;
@@ -90,18 +112,19 @@ inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int6
   }
 }
 
-// Weights (N, K) int8 -> blocks of kNr channels: for block j, k-pair p, 2 x 8 lanes of (w[n, 2p], w[n, 2p+1]).
+// Weights (N, K) int8 -> blocks of kNr channels: for block j, group p, kNr lanes of
+// (w[n, kGk p], ..., w[n, kGk p + kGk - 1]), zero past the edges.
 void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t* w_sum) {
-  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr;
+  const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j = b0; j < b1; ++j) {
-      int8_t* dst = packed + j * kp * 2 * kNr;
+      int8_t* dst = packed + j * kp * kGk * kNr;
       for (int64_t p = 0; p < kp; ++p) {
         for (int64_t l = 0; l < kNr; ++l) {
           const int64_t row = j * kNr + l;
-          for (int64_t h = 0; h < 2; ++h) {
-            const int64_t col = 2 * p + h;
-            dst[(p * kNr + l) * 2 + h] = (row < n && col < k) ? w[row * k + col] : 0;
+          for (int64_t h = 0; h < kGk; ++h) {
+            const int64_t col = kGk * p + h;
+            dst[(p * kNr + l) * kGk + h] = (row < n && col < k) ? w[row * k + col] : 0;
           }
         }
       }
@@ -114,10 +137,26 @@ void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t
   });
 }
 
-#ifdef __AVX2__
-// rows [m0, m0 + mr) x channel block j over all k-pairs; xw: the rows widened to int16, kp pairs each
+// rows [m0, m0 + rows) x one channel block over all kp input groups. xw: the rows, kp * kGk
+// lanes each (zero padded); wb: the block's packed weights.
+#if defined(VMQ_INT8_VNNI)
 template <int kRows>
-void tile(const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+void tile(const XLane* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  __m512i acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512i w = _mm512_loadu_si512(wb + p * kGk * kNr);
+    for (int r = 0; r < kRows; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, xw + (r * kp + p) * kGk, sizeof(quad));
+      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(quad), w);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm512_storeu_si512(out[r], acc[r]);
+}
+#elif defined(__AVX2__)
+template <int kRows>
+void tile(const XLane* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
   __m256i acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   for (int64_t p = 0; p < kp; ++p) {
@@ -137,25 +176,14 @@ void tile(const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);
   }
 }
-
-void tile_rows(int rows, const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
-  switch (rows) {
-    case 6: return tile<6>(xw, kp, wb, out);
-    case 5: return tile<5>(xw, kp, wb, out);
-    case 4: return tile<4>(xw, kp, wb, out);
-    case 3: return tile<3>(xw, kp, wb, out);
-    case 2: return tile<2>(xw, kp, wb, out);
-    default: return tile<1>(xw, kp, wb, out);
-  }
-}
 #else
-void tile_rows(int rows, const int16_t* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
-  for (int r = 0; r < rows; ++r) {
+template <int kRows>
+void tile(const XLane* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  for (int r = 0; r < kRows; ++r) {
     for (int64_t l = 0; l < kNr; ++l) {
       int32_t s = 0;
       for (int64_t p = 0; p < kp; ++p) {
-        s += int32_t(xw[(r * kp + p) * 2]) * wb[(p * kNr + l) * 2] +
-             int32_t(xw[(r * kp + p) * 2 + 1]) * wb[(p * kNr + l) * 2 + 1];
+        for (int64_t h = 0; h < kGk; ++h) s += int32_t(xw[(r * kp + p) * kGk + h]) * wb[(p * kNr + l) * kGk + h];
       }
       out[r][l] = s;
     }
@@ -163,13 +191,21 @@ void tile_rows(int rows, const int16_t* xw, int64_t kp, const int8_t* wb, int32_
 }
 #endif
 
+template <int kRows = kMr>
+void tile_rows(int rows, const XLane* xw, int64_t kp, const int8_t* wb, int32_t out[kMr][kNr]) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return tile_rows<kRows - 1>(rows, xw, kp, wb, out);
+  }
+  tile<kRows>(xw, kp, wb, out);
+}
+
 void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
-  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
+  const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // tasks: groups of row tiles; each widens its rows once and sweeps every channel block
   constexpr int64_t kTilesPerTask = 8;
   const int64_t tasks = (tiles + kTilesPerTask - 1) / kTilesPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int16_t> xw(kMr * kp * 2);
+    std::vector<XLane> xw(kMr * kp * kGk);
     alignas(32) int32_t out[kMr][kNr];
     for (int64_t task = t0; task < t1; ++task) {
       for (int64_t tile = task * kTilesPerTask; tile < std::min(tiles, (task + 1) * kTilesPerTask); ++tile) {
@@ -177,14 +213,14 @@ void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t 
         const int rows = static_cast<int>(std::min<int64_t>(kMr, m - m0));
         for (int r = 0; r < rows; ++r) {
           const uint8_t* src = x + (m0 + r) * k;
-          int16_t* dst = xw.data() + r * kp * 2;
+          XLane* dst = xw.data() + r * kp * kGk;
           for (int64_t c = 0; c < k; ++c) dst[c] = src[c];
-          if (k % 2) dst[k] = 0;
+          for (int64_t c = k; c < kp * kGk; ++c) dst[c] = 0;
         }
         int64_t param_row[kMr];
         for (int r = 0; r < rows; ++r) param_row[r] = (m0 + r) % e.param_rows;
         for (int64_t j = 0; j < blocks; ++j) {
-          tile_rows(rows, xw.data(), kp, packed + j * kp * 2 * kNr, out);
+          tile_rows(rows, xw.data(), kp, packed + j * kp * kGk * kNr, out);
           const int64_t cols = std::min<int64_t>(kNr, n - j * kNr);
           for (int r = 0; r < rows; ++r) finish_row(e, m0 + r, param_row[r], j * kNr, cols, out[r]);
         }
@@ -238,8 +274,8 @@ at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const a
   shape.back() = n;
   at::Tensor out = at::empty(shape, x_q.options().dtype(out_scale ? at::kByte : at::kFloat));
   if (m == 0 || n == 0) return out;
-  const int64_t kp = (k + 1) / 2, blocks = (n + kNr - 1) / kNr;
-  std::vector<int8_t> packed(std::max<int64_t>(blocks * kp * 2 * kNr, 1));
+  const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr;
+  std::vector<int8_t> packed(std::max<int64_t>(blocks * kp * kGk * kNr, 1));
   std::vector<int32_t> w_sum(blocks * kNr, 0);
   pack_weights(wc.data_ptr<int8_t>(), n, k, packed.data(), w_sum.data());
   std::vector<float> w_scale_pad(blocks * kNr, 0.f), bias_pad(bias ? blocks * kNr : 0, 0.f);
@@ -285,7 +321,19 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
       const float s = ps[r % pr], z = pz[r % pr];
       const float* xr = px + r * c;
       uint8_t* qr = pq + r * c;
-      for (int64_t i = 0; i < c; ++i) {
+      int64_t i = 0;
+      // 8 at a time, the same operations: true division, ties-to-even rounding (exact for
+      // |v| < 2^22; beyond that the clamp decides anyway), + z, clamp, truncating conversion
+      const v8f vs = splat(s), vz = splat(z), big = splat(4194304.f), magic = splat(12582912.f);
+      for (; i + 8 <= c; i += 8) {
+        v8f v = vmq::cpu::vmin(vmq::cpu::vmax(vmq::cpu::load8(xr + i) / vs, -big), big);
+        v8f t = v + magic;
+        asm("" : "+x"(t));  // no folding of (v + magic) - magic
+        v = vmq::cpu::vmin(vmq::cpu::vmax((t - magic) + vz, splat(0.f)), splat(qmax));
+        const v8u8 qb = __builtin_convertvector(__builtin_convertvector(v, vmq::cpu::v8i), v8u8);
+        std::memcpy(qr + i, &qb, sizeof(qb));
+      }
+      for (; i < c; ++i) {
         float v = std::nearbyint(xr[i] / s) + z;
         v = std::min(std::max(v, 0.f), qmax);
         qr[i] = static_cast<uint8_t>(v);

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from vmq.ops.conv import bidirectional_conv1d_silu
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref, selective_scan
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm"]
@@ -190,6 +191,10 @@ class MambaMixer(nn.Module):
             u = F.silu(conv1d(x.flip(-1))[..., :seqlen]).flip(-1)
         else:
             u = F.silu(conv1d(x)[..., :seqlen])
+        return self.project(u, x_proj, dt_proj)
+
+    def project(self, u: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear):
+        """``(u, delta, B, C)`` from one direction's conv output ``u`` (b, d_inner, l)."""
         x_dbl = x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt_proj(dt).transpose(1, 2)  # (b, d_inner, l)
@@ -198,22 +203,29 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        dirs = self.directions()
-        conv, x_proj, dt_proj, A_log, D = dirs[0]
-        u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
+        (conv, x_proj, dt_proj, A_log, D), *backward = self.directions()
         A = -torch.exp(A_log.float())
-        if self.bidirectional:
-            conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = dirs[1]
+        if not self.bidirectional:
+            u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
+            return self.out_proj(self.scan_fn(u, delta, A, B, C, D.float(), z, True).transpose(1, 2))
+        conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = backward[0]
+        A_b = -torch.exp(A_b_log.float())
+        if self.scan_fn is selective_scan:
+            # inference: both convs in one fused call (token-major outputs, what x_proj and the scan
+            # read best; there is no CUDA conv kernel, on CUDA the conv runs in PyTorch), then both
+            # scan directions and the gate in one fused call
+            u, u_b = bidirectional_conv1d_silu(x, conv.weight[:, 0], conv.bias, conv_b.weight[:, 0], conv_b.bias,
+                                               backend="auto" if self.backend == "cuda" else self.backend)
+            u, delta, B, C = self.project(u, x_proj, dt_proj)
+            u_b, delta_b, B_b, C_b = self.project(u_b, x_proj_b, dt_proj_b)
+            out = bidirectional_scan(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
+                                     delta_softplus=True, divide_out=self.if_divide_out,
+                                     backend=self.backend).to(hidden.dtype)
+        else:  # a swapped-in scan (training, or mamba-ssm's as a baseline)
+            u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
             u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
-            args = (u, delta, A, B, C, D.float(), u_b, delta_b, -torch.exp(A_b_log.float()), B_b, C_b, D_b.float(), z)
-            if self.scan_fn is selective_scan:  # inference: both directions in one fused call
-                out = bidirectional_scan(*args, delta_softplus=True, divide_out=self.if_divide_out,
-                                         backend=self.backend).to(hidden.dtype)
-            else:
-                out = bidirectional_scan_ref(*args, delta_softplus=True, divide_out=self.if_divide_out,
-                                             scan=self.scan_fn)
-        else:
-            out = self.scan_fn(u, delta, A, B, C, D.float(), z, True)
+            out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
+                                         delta_softplus=True, divide_out=self.if_divide_out, scan=self.scan_fn)
         return self.out_proj(out.transpose(1, 2))
 
 

@@ -25,6 +25,9 @@ SCHEMAS = {
                           "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, "
                           "Tensor? z, Tensor? u_scale, Tensor? delta_scale, Tensor? u_b_scale, "
                           "Tensor? delta_b_scale, bool delta_softplus, bool divide_out) -> Tensor",
+    # depthwise causal conv1d + SiLU of both mixer directions (vmq.ops.conv)
+    "bidirectional_conv1d_silu": "(Tensor x, Tensor weight, Tensor? bias, Tensor weight_b, Tensor? bias_b) "
+                                 "-> (Tensor, Tensor)",
     # per-token activation quantization (vmq.ops.quantize)
     "quantize_per_token": "(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor",
     # integer linear layers (vmq.ops.linear)
@@ -68,6 +71,14 @@ def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale, delta_
     b, d, l = u.shape
     # token-major storage, (batch, d_inner, seqlen) view: what out_proj consumes next
     return u.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2)
+
+
+@torch.library.register_fake("vmq::bidirectional_conv1d_silu")
+def _(x, weight, bias, weight_b, bias_b):
+    b, d, l = x.shape
+    # token-major storage, (batch, d_inner, seqlen) views
+    return (x.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2),
+            x.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2))
 
 
 @torch.library.register_fake("vmq::quantize_per_token")
