@@ -7,8 +7,8 @@
 //
 // x is read through its strides (in_proj's token-major output loads as vectors); both outputs are
 // written token-major (batch, seqlen, d_inner), the layout x_proj and the scan read best, and
-// returned as (batch, d_inner, seqlen) views. Work: (batch, blocks of 8 channels); a block's
-// inputs are staged once in a zero-padded buffer of 8 lanes per token, so the taps need no
+// returned as (batch, d_inner, seqlen) views. Work: (batch, blocks of kW channels, the vector
+// width); a block's inputs are staged once in a zero-padded buffer of kW lanes per token, so the taps need no
 // bounds checks.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -23,10 +23,11 @@
 
 namespace {
 
-using vmq::cpu::splat;
-using vmq::cpu::v8f;
-
-inline v8f load_lanes(const float* p, int nc) { return nc == 8 ? vmq::cpu::load8(p) : vmq::cpu::load_partial(p, nc); }
+using vmq::cpu::VecF;
+constexpr int kW = vmq::cpu::VecTraits<VecF>::kLanes;  // channels per block: 16 with AVX-512, else 8
+inline VecF load_lanes(const float* p, int nc) {
+  return nc == kW ? vmq::cpu::loadv<VecF>(p) : vmq::cpu::loadv_partial<VecF>(p, nc);
+}
 
 struct Kernel {
   const float* w_t;   // (k, d): w transposed
@@ -34,27 +35,27 @@ struct Kernel {
 };
 
 // one direction of one block: out[t] = silu(bias + sum_j w_j xb[t + sign (j - (k - 1))]) for
-// sign = +1 (forward, causal) or -1 (backward); xb holds the block's inputs, 8 lanes per token,
+// sign = +1 (forward, causal) or -1 (backward); xb holds the block's inputs, kW lanes per token,
 // with k - 1 zero tokens of padding on each side (xb[-1] .. xb[-(k-1)] and xb[len] ..).
 // kK: the kernel size when known at compile time (0: runtime k).
 template <int kK>
 void conv_block(const Kernel& kn, int64_t dim, int64_t k_rt, int64_t len, int64_t e0, int nc, bool reverse,
                 const float* __restrict xb, float* __restrict out, int64_t out_stride) {
   const int64_t k = kK > 0 ? kK : k_rt;
-  v8f w[kK > 0 ? kK : 16];
+  VecF w[kK > 0 ? kK : 16];
   for (int64_t j = 0; j < k; ++j) w[j] = load_lanes(kn.w_t + j * dim + e0, nc);
-  const v8f bias = kn.bias ? load_lanes(kn.bias + e0, nc) : splat(0.f);
+  const VecF bias = kn.bias ? load_lanes(kn.bias + e0, nc) : VecF{};
   // tap j reads token t + off + step * j
   const int64_t off = reverse ? k - 1 : -(k - 1), step = reverse ? -1 : 1;
   for (int64_t t = 0; t < len; ++t) {
-    v8f acc = bias;
-    const float* x0 = xb + (t + off) * 8;
-    for (int64_t j = 0; j < k; ++j) acc += w[j] * vmq::cpu::load8(x0 + step * j * 8);
-    const v8f y = vmq::cpu::vsilu(acc);
-    if (nc == 8) {
-      vmq::cpu::store8(out + t * out_stride, y);
+    VecF acc = bias;
+    const float* x0 = xb + (t + off) * kW;
+    for (int64_t j = 0; j < k; ++j) acc += w[j] * vmq::cpu::loadv<VecF>(x0 + step * j * kW);
+    const VecF y = vmq::cpu::vsilu(acc);
+    if (nc == kW) {
+      vmq::cpu::storev(out + t * out_stride, y);
     } else {
-      vmq::cpu::store_partial(out + t * out_stride, y, nc);
+      vmq::cpu::storev_partial(out + t * out_stride, y, nc);
     }
   }
 }
@@ -90,21 +91,21 @@ std::tuple<at::Tensor, at::Tensor> bidirectional_conv1d_silu(const at::Tensor& x
   const float* px = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
   float *pu = u.data_ptr<float>(), *pub = u_b.data_ptr<float>();
-  const int64_t blocks = (dim + 7) / 8;
+  const int64_t blocks = (dim + kW - 1) / kW;
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t pad = k - 1;
-    std::vector<float> xbuf((len + 2 * pad) * 8, 0.f);  // zero padding stays zero
-    float* xb = xbuf.data() + pad * 8;
+    std::vector<float> xbuf((len + 2 * pad) * kW, 0.f);  // zero padding stays zero
+    float* xb = xbuf.data() + pad * kW;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, e0 = (task % blocks) * 8;
-      const int nc = static_cast<int>(std::min<int64_t>(8, dim - e0));
+      const int64_t b = task / blocks, e0 = (task % blocks) * kW;
+      const int nc = static_cast<int>(std::min<int64_t>(kW, dim - e0));
       for (int64_t t = 0; t < len; ++t) {
         const float* src = px + b * s0 + e0 * s1 + t * s2;
-        float* dst = xb + t * 8;
+        float* dst = xb + t * kW;
         if (s1 == 1) {
-          vmq::cpu::store8(dst, load_lanes(src, nc));
+          vmq::cpu::storev(dst, load_lanes(src, nc));
         } else {
-          for (int i = 0; i < 8; ++i) dst[i] = i < nc ? src[i * s1] : 0.f;
+          for (int i = 0; i < kW; ++i) dst[i] = i < nc ? src[i * s1] : 0.f;
         }
       }
       const int64_t off = b * len * dim + e0;

@@ -64,8 +64,8 @@ struct Epilogue {
   uint8_t* out_q;
 };
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+using vmq::cpu::v16f;
+using vmq::cpu::v16i;
 
 // The epilogue of one tile row: columns [n0, n0 + cols) of row m from the raw sums acc[0..16).
 // Same operations and order as the twin, lane by lane, and no multiply-add fusion.
@@ -81,7 +81,7 @@ inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int6
   const v16i corrected = acc - e.x_zp[r] * w_sum;
   const v16f s = e.x_scale[r] * w_scale;
   v16f y = __builtin_convertvector(corrected, v16f) * s;
-  asm("" : "+m"(y));  // keep y * s + bias from becoming one fused multiply-add
+  y = vmq::cpu::opaque(y);  // keep y * s + bias from becoming one fused multiply-add
   if (e.bias) y = y + bias;
   if (!e.out_q) {
     if (cols == kNr) {
@@ -96,8 +96,7 @@ inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int6
   const v16f big = v16f{} + 4194304.f;  // 2^22: anything beyond clamps anyway
   q = q < -big ? -big : q;
   q = q > big ? big : q;
-  v16f t = q + 12582912.f;
-  asm("" : "+m"(t));
+  const v16f t = vmq::cpu::opaque(q + 12582912.f);
   q = (t - 12582912.f) + static_cast<float>(e.out_zp[r]);
   q = q < 0.f ? v16f{} : q;
   q = q > e.qmax ? v16f{} + e.qmax : q;
@@ -199,6 +198,13 @@ void tile_rows(int rows, const XLane* xw, int64_t kp, const int8_t* wb, int32_t 
   tile<kRows>(xw, kp, wb, out);
 }
 
+// a row of activations into the tile buffer (uint8 -> XLane); __restrict: a plain loop over
+// uint8 pointers may alias anything and stays a byte-by-byte copy
+inline void widen(const uint8_t* __restrict src, int16_t* __restrict dst, int64_t k) {
+  for (int64_t c = 0; c < k; ++c) dst[c] = src[c];
+}
+inline void widen(const uint8_t* __restrict src, uint8_t* __restrict dst, int64_t k) { std::memcpy(dst, src, k); }
+
 void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
   const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // tasks: groups of row tiles; each widens its rows once and sweeps every channel block
@@ -214,7 +220,7 @@ void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t 
         for (int r = 0; r < rows; ++r) {
           const uint8_t* src = x + (m0 + r) * k;
           XLane* dst = xw.data() + r * kp * kGk;
-          for (int64_t c = 0; c < k; ++c) dst[c] = src[c];
+          widen(src, dst, k);
           for (int64_t c = k; c < kp * kGk; ++c) dst[c] = 0;
         }
         int64_t param_row[kMr];
@@ -327,8 +333,7 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
       const v8f vs = splat(s), vz = splat(z), big = splat(4194304.f), magic = splat(12582912.f);
       for (; i + 8 <= c; i += 8) {
         v8f v = vmq::cpu::vmin(vmq::cpu::vmax(vmq::cpu::load8(xr + i) / vs, -big), big);
-        v8f t = v + magic;
-        asm("" : "+x"(t));  // no folding of (v + magic) - magic
+        const v8f t = vmq::cpu::opaque(v + magic);  // no folding of (v + magic) - magic
         v = vmq::cpu::vmin(vmq::cpu::vmax((t - magic) + vz, splat(0.f)), splat(qmax));
         const v8u8 qb = __builtin_convertvector(__builtin_convertvector(v, vmq::cpu::v8i), v8u8);
         std::memcpy(qr + i, &qb, sizeof(qb));

@@ -8,13 +8,14 @@
 // u and delta may be int8 with one scale per token (value = q * scale[t]).
 // The twin is vmq.ops.scan.bidirectional_scan_ref on the dequantized inputs.
 //
-// Work is split over (batch, blocks of 8 channels); the 8 channels of a block sit in the lanes
-// of one vector and B_t, C_t are broadcast. Per block and direction, dt and dt * u are computed
-// once into token buffers; then the states are scanned two at a time over all tokens, with the
-// decay exp(dt A) as a cheap 2^x (vexp2; relative error 2.4e-7). Inputs are read in place through their strides:
-// token-major u, delta and z (channel stride 1, how in_proj and dt_proj lay them out) load as
-// vectors, other layouts are gathered. The output is token-major (batch, seqlen, d_inner), what
-// out_proj takes, returned as a (batch, d_inner, seqlen) view.
+// Work is split over (batch, blocks of kW channels: 16 with AVX-512, else 8); the channels of
+// a block sit in the lanes of one vector and B_t, C_t are broadcast. Per block and direction,
+// dt and dt * u are computed once into token buffers; then the states are scanned two at a time
+// over all tokens, with the decay exp(dt A) as a cheap 2^x (vexp2; relative error 2.4e-7).
+// Inputs are read in place through their strides: token-major u, delta and z (channel stride 1,
+// how in_proj and dt_proj lay them out) load as vectors, other layouts are gathered. The output
+// is token-major (batch, seqlen, d_inner), what out_proj takes, returned as a (batch, d_inner,
+// seqlen) view.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,8 +28,12 @@
 
 namespace {
 
-using vmq::cpu::v8f;
-using vmq::cpu::splat;
+using vmq::cpu::VecF;
+constexpr int kW = vmq::cpu::VecTraits<VecF>::kLanes;  // channels per block: 16 with AVX-512, else 8
+inline VecF splat(float x) { return vmq::cpu::splat<VecF>(x); }
+inline VecF load_lanes(const float* p, int nc) {
+  return nc == kW ? vmq::cpu::loadv<VecF>(p) : vmq::cpu::loadv_partial<VecF>(p, nc);
+}
 
 // A (batch, d_inner, seqlen) float or int8 tensor read through its strides.
 struct Strided {
@@ -57,18 +62,17 @@ struct Problem {
 };
 
 // channels [e0, e0 + nc) of token t, dequantized when int8 (times scale[t])
-inline v8f load_input(const Strided& x, const float* scale, int64_t b, int64_t e0, int64_t t, int nc) {
+inline VecF load_input(const Strided& x, const float* scale, int64_t b, int64_t e0, int64_t t, int nc) {
   const int64_t off = b * x.s0 + e0 * x.s1 + t * x.s2;
-  v8f v;
+  VecF v;
   if (x.s1 == 1) {
     if (x.int8) {
-      v = vmq::cpu::load8_i8(static_cast<const int8_t*>(x.p) + off, nc);
+      v = vmq::cpu::loadv_i8<VecF>(static_cast<const int8_t*>(x.p) + off, nc);
     } else {
-      const float* f = static_cast<const float*>(x.p) + off;
-      v = nc == 8 ? vmq::cpu::load8(f) : vmq::cpu::load_partial(f, nc);
+      v = load_lanes(static_cast<const float*>(x.p) + off, nc);
     }
   } else {
-    float tmp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float tmp[kW] = {};
     if (x.int8) {
       const int8_t* q = static_cast<const int8_t*>(x.p) + off;
       for (int i = 0; i < nc; ++i) tmp[i] = static_cast<float>(q[i * x.s1]);
@@ -76,60 +80,57 @@ inline v8f load_input(const Strided& x, const float* scale, int64_t b, int64_t e
       const float* f = static_cast<const float*>(x.p) + off;
       for (int i = 0; i < nc; ++i) tmp[i] = f[i * x.s1];
     }
-    v = vmq::cpu::load8(tmp);
+    v = vmq::cpu::loadv<VecF>(tmp);
   }
-  return scale ? v * splat(scale[t]) : v;
+  return scale ? v * scale[t] : v;
 }
 
-// states scanned together: 2 measured best on Zen 4 (1: too little independent work per token;
-// 4: registers run out)
+// states scanned together: 2 measured best (1: too little independent work per token; 4:
+// registers run out)
 constexpr int kGroup = 2;
 
 // G states n0 .. n0 + G - 1 of one direction over one block of channels, all tokens: the state
 // loop is outermost, so each state and its decay rate stay in registers while t runs, and the
 // exps of successive tokens are independent work for the out-of-order core; only h carries over.
-// dt, du = dt * u and the running y are per-token buffers of 8 lanes (original time order; the
+// dt, du = dt * u and the running y are per-token buffers of kW lanes (original time order; the
 // reverse direction walks them from the end).
 template <int G>
 inline void scan_states(const Direction& dir, int64_t b, int64_t e0, int nc, int64_t n0, int64_t dim, int64_t len,
-                        bool reverse,
-                        const float* __restrict dt, const float* __restrict du, float* __restrict y) {
+                        bool reverse, const float* __restrict dt, const float* __restrict du, float* __restrict y) {
   constexpr float kLog2e = 1.44269504088896341f;
-  v8f A2[G], h[G];
+  VecF A2[G], h[G];
   const float* Bp[G];
   const float* Cp[G];
   for (int g = 0; g < G; ++g) {
-    const float* row = dir.A_t + (n0 + g) * dim + e0;
-    A2[g] = (nc == 8 ? vmq::cpu::load8(row) : vmq::cpu::load_partial(row, nc)) * splat(kLog2e);
+    A2[g] = load_lanes(dir.A_t + (n0 + g) * dim + e0, nc) * kLog2e;
     h[g] = splat(0.f);
     Bp[g] = dir.B + b * dir.sB0 + (n0 + g) * dir.sB1;
     Cp[g] = dir.C + b * dir.sC0 + (n0 + g) * dir.sC1;
   }
   const int64_t step = reverse ? -1 : 1;
   for (int64_t s = 0, t = reverse ? len - 1 : 0; s < len; ++s, t += step) {
-    const v8f dtv = vmq::cpu::load8(dt + t * 8), duv = vmq::cpu::load8(du + t * 8);
-    v8f acc = vmq::cpu::load8(y + t * 8);
+    const VecF dtv = vmq::cpu::loadv<VecF>(dt + t * kW), duv = vmq::cpu::loadv<VecF>(du + t * kW);
+    VecF acc = vmq::cpu::loadv<VecF>(y + t * kW);
     for (int g = 0; g < G; ++g) {
-      const v8f a = vmq::cpu::vexp2(dtv * A2[g]);
-      h[g] = a * h[g] + duv * splat(Bp[g][t * dir.sB2]);
-      acc += h[g] * splat(Cp[g][t * dir.sC2]);
+      const VecF a = vmq::cpu::vexp2(dtv * A2[g]);
+      h[g] = a * h[g] + duv * Bp[g][t * dir.sB2];
+      acc += h[g] * Cp[g][t * dir.sC2];
     }
-    vmq::cpu::store8(y + t * 8, acc);
+    vmq::cpu::storev(y + t * kW, acc);
   }
 }
 
 // One direction over one block of channels [e0, e0 + nc); adds into y (reverse: t = L-1 .. 0).
 void scan_block(const Problem& g, const Direction& dir, int64_t b, int64_t e0, int nc, bool reverse,
                 float* __restrict y, float* __restrict dt, float* __restrict du) {
-  const v8f Dv = dir.D ? (nc == 8 ? vmq::cpu::load8(dir.D + e0) : vmq::cpu::load_partial(dir.D + e0, nc))
-                       : splat(0.f);
+  const VecF Dv = dir.D ? load_lanes(dir.D + e0, nc) : splat(0.f);
   for (int64_t t = 0; t < g.len; ++t) {
-    const v8f u = load_input(dir.u, dir.u_scale, b, e0, t, nc);
-    v8f d = load_input(dir.delta, dir.delta_scale, b, e0, t, nc);
+    const VecF u = load_input(dir.u, dir.u_scale, b, e0, t, nc);
+    VecF d = load_input(dir.delta, dir.delta_scale, b, e0, t, nc);
     if (g.softplus) d = vmq::cpu::vsoftplus(d);
-    vmq::cpu::store8(dt + t * 8, d);
-    vmq::cpu::store8(du + t * 8, d * u);
-    vmq::cpu::store8(y + t * 8, vmq::cpu::load8(y + t * 8) + Dv * u);
+    vmq::cpu::storev(dt + t * kW, d);
+    vmq::cpu::storev(du + t * kW, d * u);
+    vmq::cpu::storev(y + t * kW, vmq::cpu::loadv<VecF>(y + t * kW) + Dv * u);
   }
   int64_t n = 0;
   for (; n + kGroup <= g.ns; n += kGroup) scan_states<kGroup>(dir, b, e0, nc, n, g.dim, g.len, reverse, dt, du, y);
@@ -137,24 +138,24 @@ void scan_block(const Problem& g, const Direction& dir, int64_t b, int64_t e0, i
 }
 
 void run(const Problem& g, const Direction& fwd, const Direction* bwd) {
-  const int64_t blocks = (g.dim + 7) / 8;
+  const int64_t blocks = (g.dim + kW - 1) / kW;
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(g.len * 8), dt(g.len * 8), du(g.len * 8);
+    std::vector<float> y(g.len * kW), dt(g.len * kW), du(g.len * kW);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, e0 = (task % blocks) * 8;
-      const int nc = static_cast<int>(std::min<int64_t>(8, g.dim - e0));
+      const int64_t b = task / blocks, e0 = (task % blocks) * kW;
+      const int nc = static_cast<int>(std::min<int64_t>(kW, g.dim - e0));
       std::fill(y.begin(), y.end(), 0.f);
       scan_block(g, fwd, b, e0, nc, false, y.data(), dt.data(), du.data());
       if (bwd) scan_block(g, *bwd, b, e0, nc, true, y.data(), dt.data(), du.data());
       for (int64_t t = 0; t < g.len; ++t) {
         const int64_t off = (b * g.len + t) * g.dim + e0;
-        v8f v = vmq::cpu::load8(y.data() + t * 8);
-        if (g.divide_out) v = v * splat(0.5f);
+        VecF v = vmq::cpu::loadv<VecF>(y.data() + t * kW);
+        if (g.divide_out) v = v * 0.5f;
         if (g.z.p) v = v * vmq::cpu::vsilu(load_input(g.z, nullptr, b, e0, t, nc));
-        if (nc == 8) {
-          vmq::cpu::store8(g.out + off, v);
+        if (nc == kW) {
+          vmq::cpu::storev(g.out + off, v);
         } else {
-          vmq::cpu::store_partial(g.out + off, v, nc);
+          vmq::cpu::storev_partial(g.out + off, v, nc);
         }
       }
     }
