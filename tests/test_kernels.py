@@ -13,9 +13,9 @@ import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
 from vmq.ops import _library
 from vmq.ops.backend import set_backend, use_native
-from vmq.ops.linear import (int8_linear, int8_linear_ref, pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref,
-                            w4a8_linear, w4a8_linear_ref)
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
+from vmq.ops.linear import (int8_linear, int8_linear_from_float, int8_linear_from_float_ref, int8_linear_ref,
+                            pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref)
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
 
@@ -141,6 +141,31 @@ def test_quantize_per_token_is_bit_identical_to_twin():
 
 
 @native
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (2, 9, 6, 192), (1, 7, 33, 17),
+                                   (2, 3, 0, 4)])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_linear_from_float_is_bit_identical_to_twin(shape, per_row, smooth, bits):
+    batch, tokens, k, n = shape
+    _, xs, zp, w, ws, bias, _, _ = _linear_inputs(*shape, per_row=per_row)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, tokens, k, generator=g) * 3
+    zp = zp % (1 << bits)
+    s = torch.rand(k, generator=g) + 0.5 if smooth else None
+    if k >= 8:  # exact halves after smoothing: round half to even
+        x[0, 0, :8] = (torch.arange(8) + 0.5) * xs.reshape(-1)[0] * (s[:8] if smooth else 1)
+    ref = int8_linear_from_float_ref(x, s, xs, zp, bits, w, ws, bias)
+    out = int8_linear_from_float(x, s, xs, zp, bits, w, ws, bias, backend="cpu")
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.equal(out, ref)
+    # the two-step path it replaces
+    two_step = int8_linear(quantize_per_token(x / s if smooth else x, xs, zp, bits, backend="cpu"), xs, zp, w, ws, bias,
+                           backend="cpu")
+    assert torch.equal(out, two_step)
+
+
+@native
 def test_int8_linear_rejects_bad_inputs():
     x_q, xs, zp, w, ws, bias, _, _ = _linear_inputs(1, 4, 8, 5)
     with pytest.raises(RuntimeError, match="in_features"):
@@ -253,6 +278,8 @@ def _opcheck_cases():
         "bidirectional_conv1d_silu": _conv_inputs(2, 12, 5, 4),
         "int8_linear": (*lin[:6], None, None, 8),
         "int8_linear_requant": (*lin, 8),
+        "int8_linear_from_float": (torch.randn(2, 3, 10, generator=g), torch.rand(10, generator=g) + 0.5, lin[1],
+                                   lin[2], 8, lin[3], lin[4], lin[5]),
         "w4a8_linear": (*lin[:3], pack_int4(torch.clamp(lin[3], -8, 7)[:, :10]), *lin[4:], 8),
         "vq_linear": _vq_inputs(3, 10, 7, 4, 8, 4),
         "quantize_per_token": (torch.randn(2, 3, 10, generator=g), lin[1], lin[2], 8),

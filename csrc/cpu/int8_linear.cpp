@@ -41,7 +41,6 @@ namespace {
 
 using vmq::cpu::splat;
 using vmq::cpu::v8f;
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
 
 constexpr int64_t kNr = 16;  // output channels per block
 #ifdef VMQ_INT8_VNNI
@@ -205,22 +204,68 @@ inline void widen(const uint8_t* __restrict src, int16_t* __restrict dst, int64_
 }
 inline void widen(const uint8_t* __restrict src, uint8_t* __restrict dst, int64_t k) { std::memcpy(dst, src, k); }
 
-void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
+// q = clamp(round_half_even(x / scale) + zero_point, 0, qmax) of one row of c values, x first
+// divided by the smoothing scales when there are any: the operations of quantize_per_token_ref,
+// 8 at a time (exact ties-to-even rounding for |v| < 2^22; beyond, the clamp decides anyway)
+template <class T>
+void quantize_row(const float* __restrict x, const float* __restrict smooth, float s, float z, float qmax,
+                  T* __restrict out, int64_t c) {
+  typedef T v8t __attribute__((vector_size(8 * sizeof(T))));
+  const v8f vs = splat(s), vz = splat(z), big = splat(4194304.f), magic = splat(12582912.f);
+  int64_t i = 0;
+  for (; i + 8 <= c; i += 8) {
+    v8f v = vmq::cpu::load8(x + i);
+    if (smooth) v = v / vmq::cpu::load8(smooth + i);
+    v = vmq::cpu::vmin(vmq::cpu::vmax(v / vs, -big), big);
+    const v8f t = vmq::cpu::opaque(v + magic);  // no folding of (v + magic) - magic
+    v = vmq::cpu::vmin(vmq::cpu::vmax((t - magic) + vz, splat(0.f)), splat(qmax));
+    const v8t q = __builtin_convertvector(__builtin_convertvector(v, vmq::cpu::v8i), v8t);
+    std::memcpy(out + i, &q, sizeof(q));
+  }
+  for (; i < c; ++i) {
+    float v = smooth ? x[i] / smooth[i] : x[i];
+    v = std::nearbyint(v / s) + z;
+    out[i] = static_cast<T>(std::min(std::max(v, 0.f), qmax));
+  }
+}
+
+// GEMM activation rows: already quantized uint8 ...
+struct QuantizedRows {
+  const uint8_t* x;
+  int64_t k;
+  void operator()(int64_t m, XLane* dst) const { widen(x + m * k, dst, k); }
+};
+
+// ... or float rows quantized on the way into the tile (smoothing, per-token scale / zero point)
+struct FloatRows {
+  const float* x;
+  const float* smooth;  // (k,) or null
+  const float* scale;
+  const float* zero_point;
+  int64_t param_rows, k;
+  float qmax;
+  void operator()(int64_t m, XLane* dst) const {
+    const int64_t r = m % param_rows;
+    quantize_row(x + m * k, smooth, scale[r], zero_point[r], qmax, dst, k);
+  }
+};
+
+template <class Rows>
+void gemm(const Rows& load_row, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
   const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
-  // tasks: groups of row tiles; each widens its rows once and sweeps every channel block
+  // tasks: groups of row tiles; each prepares its rows once and sweeps every channel block
   constexpr int64_t kTilesPerTask = 8;
   const int64_t tasks = (tiles + kTilesPerTask - 1) / kTilesPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<XLane> xw(kMr * kp * kGk);
-    alignas(32) int32_t out[kMr][kNr];
+    alignas(64) int32_t out[kMr][kNr];
     for (int64_t task = t0; task < t1; ++task) {
       for (int64_t tile = task * kTilesPerTask; tile < std::min(tiles, (task + 1) * kTilesPerTask); ++tile) {
         const int64_t m0 = tile * kMr;
         const int rows = static_cast<int>(std::min<int64_t>(kMr, m - m0));
         for (int r = 0; r < rows; ++r) {
-          const uint8_t* src = x + (m0 + r) * k;
           XLane* dst = xw.data() + r * kp * kGk;
-          widen(src, dst, k);
+          load_row(m0 + r, dst);
           for (int64_t c = k; c < kp * kGk; ++c) dst[c] = 0;
         }
         int64_t param_row[kMr];
@@ -235,50 +280,47 @@ void gemm(const uint8_t* x, int64_t m, int64_t k, const int8_t* packed, int64_t 
   });
 }
 
-void check_per_token(const at::Tensor& t, at::ScalarType dtype, int64_t tokens, int64_t rows, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, "int8_linear: ", what, " must be a CPU ", dtype,
+void check_per_token(const char* op, const at::Tensor& t, at::ScalarType dtype, int64_t tokens, int64_t rows,
+                     const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, op, ": ", what, " must be a CPU ", dtype,
               " tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == tokens || t.numel() == rows, "int8_linear: ", what, " must hold one value per token (",
+  TORCH_CHECK(t.numel() == tokens || t.numel() == rows, op, ": ", what, " must hold one value per token (",
               tokens, ") or per row (", rows, "), got ", t.numel());
 }
 
-at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
-                       const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
-                       int64_t out_bits) {
-  TORCH_CHECK(x_q.device().is_cpu() && x_q.scalar_type() == at::kByte && x_q.dim() >= 2,
-              "int8_linear: x_q must be a uint8 CPU tensor (..., tokens, in_features)");
-  TORCH_CHECK(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2,
-              "int8_linear: w_q must be an int8 CPU tensor (out_features, in_features)");
-  const int64_t k = x_q.size(-1), n = w_q.size(0), tokens = x_q.size(-2);
-  const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);  // rows, also when k = 0
-  TORCH_CHECK(w_q.size(1) == k, "int8_linear: in_features differ: ", k, " vs ", w_q.size(1));
-  check_per_token(x_scale, at::kFloat, tokens, m, "x_scale");
-  check_per_token(x_zero_point, at::kInt, tokens, m, "x_zero_point");
-  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), "int8_linear: x_scale and x_zero_point differ in size");
-  TORCH_CHECK(w_scale.device().is_cpu() && w_scale.scalar_type() == at::kFloat && w_scale.numel() == n,
-              "int8_linear: w_scale must be float32 (out_features,)");
+// The weight-side and epilogue checks shared by both entry points; returns the output.
+template <class Rows>
+at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes, const at::TensorOptions& opts,
+                      int64_t m, int64_t k, int64_t tokens, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                      const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
+                      int64_t out_bits) {
+  TORCH_CHECK(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2, op,
+              ": w_q must be an int8 CPU tensor (out_features, in_features)");
+  const int64_t n = w_q.size(0);
+  TORCH_CHECK(w_q.size(1) == k, op, ": in_features differ: ", k, " vs ", w_q.size(1));
+  TORCH_CHECK(w_scale.device().is_cpu() && w_scale.scalar_type() == at::kFloat && w_scale.numel() == n, op,
+              ": w_scale must be float32 (out_features,)");
   if (bias) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == n,
-                "int8_linear: bias must be float32 (out_features,)");
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == n, op,
+                ": bias must be float32 (out_features,)");
   }
-  TORCH_CHECK(out_scale.has_value() == out_zero_point.has_value(),
-              "int8_linear: out_scale and out_zero_point go together");
+  TORCH_CHECK(out_scale.has_value() == out_zero_point.has_value(), op, ": out_scale and out_zero_point go together");
   if (out_scale) {
-    TORCH_CHECK(out_bits >= 2 && out_bits <= 8, "int8_linear: out_bits must be 2..8, got ", out_bits);
-    check_per_token(*out_scale, at::kFloat, tokens, m, "out_scale");
-    check_per_token(*out_zero_point, at::kInt, tokens, m, "out_zero_point");
-    TORCH_CHECK(out_scale->numel() == x_scale.numel(),
-                "int8_linear: out_scale must have the size of x_scale (per token or per row)");
+    TORCH_CHECK(out_bits >= 2 && out_bits <= 8, op, ": out_bits must be 2..8, got ", out_bits);
+    check_per_token(op, *out_scale, at::kFloat, tokens, m, "out_scale");
+    check_per_token(op, *out_zero_point, at::kInt, tokens, m, "out_zero_point");
+    TORCH_CHECK(out_scale->numel() == x_scale.numel(), op,
+                ": out_scale must have the size of x_scale (per token or per row)");
   }
-  const at::Tensor xc = x_q.contiguous(), wc = w_q.contiguous(), xs = x_scale.contiguous(),
-                   xz = x_zero_point.contiguous(), ws = w_scale.contiguous();
+  const at::Tensor wc = w_q.contiguous(), xs = x_scale.contiguous(), xz = x_zero_point.contiguous(),
+                   ws = w_scale.contiguous();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor os = out_scale ? out_scale->contiguous() : at::Tensor();
   const at::Tensor oz = out_zero_point ? out_zero_point->contiguous() : at::Tensor();
-  std::vector<int64_t> shape(x_q.sizes().begin(), x_q.sizes().end());
+  std::vector<int64_t> shape(x_sizes.begin(), x_sizes.end());
   shape.back() = n;
-  at::Tensor out = at::empty(shape, x_q.options().dtype(out_scale ? at::kByte : at::kFloat));
+  at::Tensor out = at::empty(shape, opts.dtype(out_scale ? at::kByte : at::kFloat));
   if (m == 0 || n == 0) return out;
   const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr;
   std::vector<int8_t> packed(std::max<int64_t>(blocks * kp * kGk * kNr, 1));
@@ -299,8 +341,52 @@ at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const a
                    static_cast<float>((1 << out_bits) - 1),
                    out_scale ? nullptr : out.data_ptr<float>(),
                    out_scale ? out.data_ptr<uint8_t>() : nullptr};
-  gemm(xc.data_ptr<uint8_t>(), m, k, packed.data(), n, e);
+  gemm(rows, m, k, packed.data(), n, e);
   return out;
+}
+
+at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
+                       int64_t out_bits) {
+  TORCH_CHECK(x_q.device().is_cpu() && x_q.scalar_type() == at::kByte && x_q.dim() >= 2,
+              "int8_linear: x_q must be a uint8 CPU tensor (..., tokens, in_features)");
+  const int64_t k = x_q.size(-1), tokens = x_q.size(-2);
+  const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);  // rows, also when k = 0
+  check_per_token("int8_linear", x_scale, at::kFloat, tokens, m, "x_scale");
+  check_per_token("int8_linear", x_zero_point, at::kInt, tokens, m, "x_zero_point");
+  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), "int8_linear: x_scale and x_zero_point differ in size");
+  const at::Tensor xc = x_q.contiguous();
+  return run_linear("int8_linear", QuantizedRows{xc.data_ptr<uint8_t>(), k}, x_q.sizes(), x_q.options(), m, k, tokens,
+                    x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits);
+}
+
+// float activations: optional smoothing (x / smooth_scale), per-token quantization to x_bits,
+// then int8_linear, in one pass; the twin is int8_linear_from_float_ref.
+at::Tensor int8_linear_from_float(const at::Tensor& x, const std::optional<at::Tensor>& smooth_scale,
+                                  const at::Tensor& x_scale, const at::Tensor& x_zero_point, int64_t x_bits,
+                                  const at::Tensor& w_q, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias) {
+  constexpr const char* kOp = "int8_linear_from_float";
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2, kOp,
+              ": x must be a float32 CPU tensor (..., tokens, in_features)");
+  TORCH_CHECK(x_bits >= 2 && x_bits <= 8, kOp, ": x_bits must be 2..8, got ", x_bits);
+  const int64_t k = x.size(-1), tokens = x.size(-2);
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  check_per_token(kOp, x_scale, at::kFloat, tokens, m, "x_scale");
+  check_per_token(kOp, x_zero_point, at::kInt, tokens, m, "x_zero_point");
+  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), kOp, ": x_scale and x_zero_point differ in size");
+  if (smooth_scale) {
+    TORCH_CHECK(smooth_scale->device().is_cpu() && smooth_scale->scalar_type() == at::kFloat &&
+                    smooth_scale->numel() == k,
+                kOp, ": smooth_scale must be float32 (in_features,)");
+  }
+  const at::Tensor xc = x.contiguous(), sc = smooth_scale ? smooth_scale->contiguous() : at::Tensor();
+  const at::Tensor xs = x_scale.contiguous(), zf = x_zero_point.to(at::kFloat).contiguous();
+  const FloatRows rows{xc.data_ptr<float>(), smooth_scale ? sc.data_ptr<float>() : nullptr, xs.data_ptr<float>(),
+                       zf.data_ptr<float>(), xs.numel(), k, static_cast<float>((1 << x_bits) - 1)};
+  return run_linear(kOp, rows, x.sizes(), x.options(), m, k, tokens, x_scale, x_zero_point, w_q, w_scale, bias,
+                    std::nullopt, std::nullopt, 8);
 }
 
 // q = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1): the twin is quantize_per_token_ref
@@ -309,7 +395,8 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2,
               "quantize_per_token: x must be a float32 CPU tensor (..., tokens, channels)");
   TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_per_token: bits must be 2..8, got ", bits);
-  const int64_t c = x.size(-1), tokens = x.size(-2), m = x.numel() / std::max<int64_t>(c, 1);
+  const int64_t c = x.size(-1), tokens = x.size(-2);
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // rows, also when c = 0
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
                   (scale.numel() == tokens || scale.numel() == m),
               "quantize_per_token: scale must be float32 with one value per token or per row");
@@ -323,27 +410,7 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
   const int64_t pr = sc.numel();
   const float qmax = static_cast<float>((1 << bits) - 1);
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float s = ps[r % pr], z = pz[r % pr];
-      const float* xr = px + r * c;
-      uint8_t* qr = pq + r * c;
-      int64_t i = 0;
-      // 8 at a time, the same operations: true division, ties-to-even rounding (exact for
-      // |v| < 2^22; beyond that the clamp decides anyway), + z, clamp, truncating conversion
-      const v8f vs = splat(s), vz = splat(z), big = splat(4194304.f), magic = splat(12582912.f);
-      for (; i + 8 <= c; i += 8) {
-        v8f v = vmq::cpu::vmin(vmq::cpu::vmax(vmq::cpu::load8(xr + i) / vs, -big), big);
-        const v8f t = vmq::cpu::opaque(v + magic);  // no folding of (v + magic) - magic
-        v = vmq::cpu::vmin(vmq::cpu::vmax((t - magic) + vz, splat(0.f)), splat(qmax));
-        const v8u8 qb = __builtin_convertvector(__builtin_convertvector(v, vmq::cpu::v8i), v8u8);
-        std::memcpy(qr + i, &qb, sizeof(qb));
-      }
-      for (; i < c; ++i) {
-        float v = std::nearbyint(xr[i] / s) + z;
-        v = std::min(std::max(v, 0.f), qmax);
-        qr[i] = static_cast<uint8_t>(v);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) quantize_row(px + r * c, nullptr, ps[r % pr], pz[r % pr], qmax, pq + r * c, c);
   });
   return q;
 }
@@ -375,5 +442,6 @@ at::Tensor w4a8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const a
 TORCH_LIBRARY_IMPL(vmq, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("w4a8_linear", &w4a8_linear);
+  m.impl("int8_linear_from_float", &int8_linear_from_float);
   m.impl("quantize_per_token", &quantize_per_token);
 }

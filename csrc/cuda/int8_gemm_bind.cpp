@@ -114,7 +114,8 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.dim() >= 2, op,
               ": x must be a float32 CUDA tensor (..., tokens, channels)");
   TORCH_CHECK(bits >= 2 && bits <= 8, op, ": bits must be 2..8, got ", bits);
-  const int64_t c = x.size(-1), tokens = x.size(-2), m = x.numel() / std::max<int64_t>(c, 1);
+  const int64_t c = x.size(-1), tokens = x.size(-2);
+  const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // rows, also when c = 0
   check_cuda(scale, x, op, "scale");
   check_cuda(zero_point, x, op, "zero_point");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && (scale.numel() == tokens || scale.numel() == m), op,

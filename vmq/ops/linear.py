@@ -10,6 +10,12 @@ and, with an output scale, ``y`` requantized to uint8 for the next layer with
 :func:`vmq.ops.quantize.quantize_per_token_ref`. :func:`int8_linear` runs the compiled kernel
 (``vmq::int8_linear``, bit-identical to the twin) or the twin.
 
+``int8_linear_from_float_ref``: float activations divided by optional smoothing scales (one per
+input channel), quantized per token with :func:`vmq.ops.quantize.quantize_per_token_ref`, then
+``int8_linear_ref``; :func:`int8_linear_from_float` runs the fused kernel
+(``vmq::int8_linear_from_float``: the quantization happens as rows enter the GEMM, no uint8
+tensor in between; bit-identical) or the twin.
+
 ``w4a8_linear_ref``: the same with 4-bit weights packed two per byte, low nibble first (the
 format of :mod:`vmq.pack.bits`), shape (N, K / 2); unpacked, it is ``int8_linear_ref``.
 
@@ -69,6 +75,32 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor,
         return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
     args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
     return torch.ops.vmq.int8_linear(x_q, args[0], args[1], w_q, *args[2:], out_bits)
+
+
+def int8_linear_from_float_ref(x: Tensor, smooth_scale: Optional[Tensor], x_scale: Tensor, x_zero_point: Tensor,
+                               x_bits: int, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``int8_linear_ref(quantize_per_token_ref(x / smooth_scale, ...), ...)``: fp32 (..., T, N)."""
+    x = x.float()
+    if smooth_scale is not None:
+        x = x / smooth_scale.float()
+    x_q = quantize_per_token_ref(x, x_scale, x_zero_point, x_bits)
+    return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias)
+
+
+def int8_linear_from_float(x: Tensor, smooth_scale: Optional[Tensor], x_scale: Tensor, x_zero_point: Tensor,
+                           x_bits: int, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                           backend: str = "auto") -> Tensor:
+    """:func:`int8_linear_from_float_ref` on the fused kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
+    if not 2 <= x_bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {x_bits}")
+    takes = x.dtype == torch.float32 and w_q.dtype == torch.int8 and x.dim() >= 2
+    if not use_native("int8_linear_from_float", x, backend, takes=takes,
+                      why="takes float32 activations and int8 weights"):
+        return int8_linear_from_float_ref(x, smooth_scale, x_scale, x_zero_point, x_bits, w_q, w_scale, bias)
+    per_token(x_scale, x), per_token(x_zero_point, x)  # shape check, same message as the twin
+    args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, None, None)
+    smooth = None if smooth_scale is None else smooth_scale.float()
+    return torch.ops.vmq.int8_linear_from_float(x, smooth, args[0], args[1], x_bits, w_q, args[2], args[3])
 
 
 def pack_int4(w_q: Tensor) -> Tensor:

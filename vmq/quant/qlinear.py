@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vmq.errors import VmqError
 from vmq.ops import _library
-from vmq.ops.linear import int8_linear, pack_int4, w4a8_linear
+from vmq.ops.linear import int8_linear, int8_linear_from_float, pack_int4, w4a8_linear
 from vmq.ops.quantize import quantize_per_token
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
@@ -151,22 +151,34 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale
+        smooth = self.smooth_scale
         if self.a_bits is None:
-            return F.linear(x, self.dequantized_weight(), self.bias)
+            return F.linear(x if smooth is None else x / smooth, self.dequantized_weight(), self.bias)
         tokens = x.shape[-2]
         if self.a_strategy == "token_dynamic":
+            if smooth is not None:
+                x = x / smooth
             scale, zp = range_to_qparams(x.amin(-1), x.amax(-1), self.a_bits)
         else:
             if self.a_strategy == "token_static" and self.input_scale.numel() != tokens:
                 raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
                                  f"the input has {tokens}")
             scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
+            if self._use_fused_input(x):  # smoothing and quantization as rows enter the GEMM
+                return int8_linear_from_float(x, smooth, scale, zp, self.a_bits, self.weight, self.weight_scale,
+                                              self.bias, backend=self.backend)
+            if smooth is not None:
+                x = x / smooth
         x_q = quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend)
         if self._use_int4_kernel(x_q):
             return w4a8_linear(x_q, scale, zp, self._packed_int4(), self.weight_scale, self.bias, backend=self.backend)
         return int8_linear(x_q, scale, zp, self.weight, self.weight_scale, self.bias, backend=self.backend)
+
+    def _use_fused_input(self, x: Tensor) -> bool:
+        """Whether the fused float-input kernel runs this layer (static scales; where it is built)."""
+        return (self.backend in ("auto", x.device.type) and x.dim() >= 2
+                and _library.has_kernel("int8_linear_from_float", x.device.type)
+                and not (self.w_bits <= 4 and x.is_cuda))  # 4-bit weights on CUDA: the W4A8 kernel
 
     def _use_int4_kernel(self, x_q: Tensor) -> bool:
         """4-bit weights on CUDA go to the W4A8 kernel (unpacked in the kernel; half the weight traffic)."""
