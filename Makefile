@@ -8,7 +8,7 @@ EXT    := $(VENV)/.extension
 CSRC   := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 DATA   ?= ../shared/data/cifar10
 
-.PHONY: install extension demo test reference-model bench clean
+.PHONY: install extension demo test test-isa reference-model bench clean
 
 install: $(EXT)
 
@@ -38,6 +38,21 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The CPU kernels' other code paths: AVX2 without AVX-512 (x86-64-v3) and the compiler's portable
+# target, each built (CPU kernels only) in a scratch copy and held to the twins by the kernel tests.
+ISA_ARCHS ?= x86-64-v3 portable
+test-isa: install
+	@set -e; for arch in $(ISA_ARCHS); do \
+	  dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	  cp -r setup.py README.md pytest.ini vmq csrc tests "$$dir"/; rm -f "$$dir"/vmq/_C*.so; \
+	  (cd "$$dir" && VMQ_BUILD_CUDA=0 VMQ_CPU_ARCH=$$arch $(CURDIR)/$(PY) setup.py build_ext --inplace \
+	    > build.log 2>&1 || { tail -20 build.log; exit 1; }); \
+	  cd "$$dir"; export PYTHONPATH="$$dir" VMQ_REQUIRE_NATIVE=1 VMQ_BUILD_CUDA=0 VMQ_EXPECT_ROOT="$$dir"; \
+	  $(CURDIR)/$(PY) -c "from vmq.ops import _library as L; print('test-isa: -march=$$arch, int8 path', L.NATIVE.cpu_isa)"; \
+	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py; \
+	  cd $(CURDIR); rm -rf "$$dir"; \
+	done
 
 # Retrain the shipped reference model (CPU, resumable; see vmq/assets/MODEL_CARD.md).
 reference-model: install

@@ -7,8 +7,9 @@ them) is compiled too when torch is a CUDA build and a CUDA toolkit is found. En
 * ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;8.6;8.9;9.0``).
 * ``CUDA_HOME``: the toolkit root; when unset, the root of the ``nvcc`` on PATH (followed through
   wrapper scripts) or ``/usr/local/cuda``.
-* ``VMQ_NATIVE_ARCH``: ``1`` (default) compiles the CPU kernels for this machine's processor
-  (``-march=native``); ``0`` for a portable build.
+* ``VMQ_CPU_ARCH``: the ``-march`` of the CPU kernels: ``native`` (default, this machine's
+  processor: AVX-512 VNNI, AVX2, ... as it has them), another GCC value such as ``x86-64-v3``
+  (AVX2, no AVX-512), or ``portable`` (the compiler's default target).
 * ``VMQ_NO_EXTENSION=1``: install the pure-PyTorch package only (every op then runs its
   reference twin).
 
@@ -80,8 +81,11 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
 
     cxx = ["-O3", "-ffp-contract=fast", "-fopenmp", "-Wall", "-Wno-unused-function"]
-    if os.environ.get("VMQ_NATIVE_ARCH", "1") == "1":
-        cxx.append("-march=native")
+    cpu_arch = os.environ.get("VMQ_CPU_ARCH", "native")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", cpu_arch):
+        sys.exit(f"VMQ_CPU_ARCH: not a -march value: {cpu_arch!r}")
+    if cpu_arch != "portable":
+        cxx.append(f"-march={cpu_arch}")
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     common = dict(include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"])

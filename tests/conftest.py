@@ -14,6 +14,14 @@ FIXTURES = SHARED / "fixtures"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    expect = os.environ.get("VMQ_EXPECT_ROOT")  # make test-isa: the scratch build must be the one imported
+    if expect:
+        import vmq
+        from vmq.ops import _library
+
+        for what, path in (("vmq", vmq.__file__), ("vmq._C", getattr(_library.NATIVE, "__file__", None))):
+            if path is None or not Path(path).resolve().is_relative_to(Path(expect).resolve()):
+                raise pytest.UsageError(f"VMQ_EXPECT_ROOT={expect} but {what} was imported from {path}")
     if os.environ.get("VMQ_REQUIRE_NATIVE") == "1":
         from vmq.ops import _library
 
@@ -21,6 +29,15 @@ def pytest_configure(config):
             raise pytest.UsageError(f"VMQ_REQUIRE_NATIVE=1 but vmq._C is {_library.NATIVE_ERROR}")
         if os.environ.get("VMQ_BUILD_CUDA") == "1" and not _library.NATIVE.cuda_built:
             raise pytest.UsageError("VMQ_BUILD_CUDA=1 but vmq._C was built without its CUDA kernels")
+
+
+def pytest_report_header(config):
+    from vmq.ops import _library
+
+    native = _library.NATIVE
+    if native is None:
+        return f"vmq._C: {_library.NATIVE_ERROR}"
+    return f"vmq._C: {native.__file__} (CPU int8 path {native.cpu_isa}, CUDA kernels {native.cuda_built})"
 
 
 def pytest_collection_modifyitems(config, items):
