@@ -272,7 +272,10 @@ def main() -> None:
 
     if _library.NATIVE is None:
         raise SystemExit(f"vmq._C is {_library.NATIVE_ERROR}: build it with `make install`")
+    from vmq.runtime import retain_freed_memory
+
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as vmq bench does; both sides of every ratio run under it
     ghz = cpu_ghz()
     isa = getattr(_library.NATIVE, "cpu_isa", "generic")
     peak_int = args.threads * ghz * 1e9 * MACS_PER_CYCLE.get(isa, 1)  # int8 products per second
@@ -280,7 +283,7 @@ def main() -> None:
     if not args.gpu_only:
         scan_cases(args.repeats, rows)
         linear_cases(args.repeats, rows, peak_int)
-        end_to_end(max(3, args.repeats // 2), rows, args.packed or default_packed())
+        end_to_end(max(5, args.repeats), rows, args.packed or default_packed())
     if torch.cuda.is_available() and _library.has_kernel("int8_linear", "cuda"):
         gpu_cases(args.repeats, rows)
     elif torch.cuda.is_available():

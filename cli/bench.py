@@ -41,9 +41,12 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     from vmq.models import config_for, create_model
     from vmq.pack.format import is_packed, load_packed
 
+    from vmq.runtime import retain_freed_memory
+
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
+    retained = retain_freed_memory()  # for both models: activations reused, not faulted in again
     packed_meta = None
     if path is not None and is_packed(path):
         if model_name is not None:
@@ -68,7 +71,8 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
         steps = iter(range(1, 1 << 30))
         result = run_bench(models, image_size, batches, torch.device(device), repeats=repeats, warmup=warmup,
                            layers=layers, backend=backend, on_step=lambda _msg: update(next(steps)))
-    result = {"model": getattr(fp, "vmq_name", model_name), "file": path, **result}
+    result = {"model": getattr(fp, "vmq_name", model_name), "file": path, **result,
+              "allocator": "glibc, freed memory retained" if retained else "default"}
     if as_json:
         console.emit_json(result)
         return
@@ -85,7 +89,7 @@ def _print(console, result: dict) -> None:
                          f"{r['speedup']:.2f}x", "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}"])
     where = result["gpu"] or f"cpu, {result['threads']} threads"
     console.emit_table(f"vmq bench: {result['model']} ({where}, backend {result['backend']}, "
-                       f"median of {result['repeats']})", rows,
+                       f"median of {result['repeats']}, allocator {result['allocator']})", rows,
                        headers=("batch", "model", "latency ms", "images/s", f"vs {result['baseline']}", "peak MB"))
     notes = [[label, f"{info['dtype']}, weights {info['weight_mb']:.2f} MB"
               + (f", scan: {info['scan']}" if info.get("scan") else "")] for label, info in result["models"].items()]

@@ -36,7 +36,10 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     from vmq.errors import UsageError
     from vmq.pack.format import is_packed, load_packed
 
+    from vmq.runtime import retain_freed_memory
+
     torch.set_grad_enabled(False)
+    retain_freed_memory()
     packed_meta = None
     if path is not None and checkpoint is not None:
         raise UsageError("give either PATH or --checkpoint, not both")

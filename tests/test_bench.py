@@ -103,6 +103,7 @@ def test_cli_bench_packed_file_json_and_table(quantized, tmp_path):
     assert res["model"] == "test_vim" and res["threads"] == 1 and res["baseline"] == "fp32"
     assert list(res["models"]) == ["fp32", "W8A8"] and res["models"]["fp32"]["scan"] == "vmq bidirectional_scan"
     assert [row["batch"] for row in res["results"]] == [1, 2]
+    assert res["allocator"] in ("glibc, freed memory retained", "default")
     proc = run_vmq("bench", path, "--batch", "1", "--repeats", "1", "--layers")
     assert proc.returncode == 0, proc.stderr
     assert "vmq bench: test_vim" in proc.stdout and "W8A8" in proc.stdout and "per-layer ms" in proc.stdout
@@ -122,3 +123,16 @@ def test_cli_bench_float_model_alone_and_errors(tmp_path):
     if not torch.cuda.is_available():
         proc = run_vmq("bench", "--device", "cuda")
         assert proc.returncode == 1 and "no CUDA device" in proc.stderr
+
+
+def test_retain_freed_memory_applies_once_on_glibc():
+    import platform
+
+    from vmq.runtime import retain_freed_memory
+
+    applied = retain_freed_memory()
+    assert retain_freed_memory() is applied  # once per process
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    # (its effect, no page faults for reused activations, is measured by vmq bench / benchmarks/kernels.py:
+    # fault counts in a unit test would depend on the host's memory reclaim)

@@ -9,6 +9,7 @@ shapes, dtypes and strides only (for ``torch.compile`` and ``torch.library.opche
 
 from __future__ import annotations
 
+import functools
 import importlib
 import torch
 
@@ -124,6 +125,10 @@ def _load_native():
 NATIVE, NATIVE_ERROR = _load_native()
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
+    """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda").
+
+    Cached: the kernels are registered once, when vmq._C is imported above (every forward asks).
+    """
     return NATIVE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())
