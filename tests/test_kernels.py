@@ -16,6 +16,7 @@ from vmq.ops.backend import set_backend, use_native
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
 from vmq.ops.linear import (int8_linear, int8_linear_from_float, int8_linear_from_float_ref, int8_linear_ref,
                             pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref)
+from vmq.ops.norm import rms_norm, rms_norm_ref
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
 
@@ -265,6 +266,21 @@ def test_bidirectional_conv1d_silu_falls_back_for_gradients_and_checks_shapes():
         torch.ops.vmq.bidirectional_conv1d_silu(x, w.detach(), bias, w_b[:4], bias_b)
 
 
+@native
+@pytest.mark.parametrize("shape", [(2, 65, 96), (3, 7, 17), (1, 192), (4, 0, 8), (5, 1)])
+def test_rms_norm_matches_twin(shape):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    out = rms_norm(x, w, 1e-5, backend="cpu")
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, rms_norm_ref(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    w.requires_grad_(True)
+    assert rms_norm(x, w, 1e-5).requires_grad  # auto: the differentiable twin
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        torch.ops.vmq.rms_norm(x, w.detach()[:-1] if shape[-1] > 1 else w.detach().double(), 1e-5)
+
+
 def _opcheck_cases():
     scan = _scan_inputs(2, 12, 5, 4)
     lin = _linear_inputs(2, 3, 10, 7)
@@ -276,6 +292,7 @@ def _opcheck_cases():
     return {
         "bidirectional_scan": (*scan[:13], None, None, None, None, True, True),
         "bidirectional_conv1d_silu": _conv_inputs(2, 12, 5, 4),
+        "rms_norm": (torch.randn(2, 5, 24, generator=g), torch.randn(24, generator=g), 1e-5),
         "int8_linear": (*lin[:6], None, None, 8),
         "int8_linear_requant": (*lin, 8),
         "int8_linear_from_float": (torch.randn(2, 3, 10, generator=g), torch.rand(10, generator=g) + 0.5, lin[1],

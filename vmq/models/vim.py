@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmq.ops.conv import bidirectional_conv1d_silu
+from vmq.ops.norm import rms_norm
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref, selective_scan
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm"]
@@ -120,11 +121,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.backend = "auto"  # kernel choice (vmq.ops.backend); no CUDA kernel: on CUDA it runs in PyTorch
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, backend="auto" if self.backend == "cuda" else self.backend)
 
 
 class DropPath(nn.Module):

@@ -29,6 +29,8 @@ SCHEMAS = {
     # depthwise causal conv1d + SiLU of both mixer directions (vmq.ops.conv)
     "bidirectional_conv1d_silu": "(Tensor x, Tensor weight, Tensor? bias, Tensor weight_b, Tensor? bias_b) "
                                  "-> (Tensor, Tensor)",
+    # RMSNorm in one pass (vmq.ops.norm)
+    "rms_norm": "(Tensor x, Tensor weight, float eps) -> Tensor",
     # per-token activation quantization (vmq.ops.quantize)
     "quantize_per_token": "(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor",
     # integer linear layers (vmq.ops.linear)
@@ -83,6 +85,11 @@ def _(x, weight, bias, weight_b, bias_b):
     # token-major storage, (batch, d_inner, seqlen) views
     return (x.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2),
             x.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2))
+
+
+@torch.library.register_fake("vmq::rms_norm")
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("vmq::quantize_per_token")
