@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vmq.ops.backend import use_native
-from vmq.ops.quantize import per_token, quantize_per_token_ref
+from vmq.ops.quantize import check_per_token, per_token, quantize_per_token_ref
 from vmq.pack.bits import pack_signed, unpack_signed
 
 
@@ -97,7 +97,7 @@ def int8_linear_from_float(x: Tensor, smooth_scale: Optional[Tensor], x_scale: T
     if not use_native("int8_linear_from_float", x, backend, takes=takes,
                       why="takes float32 activations and int8 weights"):
         return int8_linear_from_float_ref(x, smooth_scale, x_scale, x_zero_point, x_bits, w_q, w_scale, bias)
-    per_token(x_scale, x), per_token(x_zero_point, x)  # shape check, same message as the twin
+    check_per_token(x_scale, x), check_per_token(x_zero_point, x)  # same message as the twin
     args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, None, None)
     smooth = None if smooth_scale is None else smooth_scale.float()
     return torch.ops.vmq.int8_linear_from_float(x, smooth, args[0], args[1], x_bits, w_q, args[2], args[3])
@@ -142,12 +142,14 @@ def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Te
 
 def _native_epilogue_args(n: int, x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point):
     """The epilogue tensors in the kernels' dtypes; per-tensor weight scales expanded to every channel."""
-    w_scale = w_scale.float().reshape(-1)
-    if w_scale.numel() == 1:
+    f32 = lambda t: t if t is None or t.dtype == torch.float32 else t.float()  # noqa: E731  (no dispatch when already so)
+    i32 = lambda t: t if t is None or t.dtype == torch.int32 else t.to(torch.int32)  # noqa: E731
+    w_scale = f32(w_scale)
+    if w_scale.dim() != 1:
+        w_scale = w_scale.reshape(-1)
+    if w_scale.numel() == 1 and n != 1:
         w_scale = w_scale.expand(n)
-    return (x_scale.float(), x_zero_point.to(torch.int32), w_scale, None if bias is None else bias.float(),
-            None if out_scale is None else out_scale.float(),
-            None if out_zero_point is None else out_zero_point.to(torch.int32))
+    return f32(x_scale), i32(x_zero_point), w_scale, f32(bias), f32(out_scale), i32(out_zero_point)
 
 
 def vq_dequantize_ref(codes: Tensor, codebook: Tensor, in_features: int, rows_per_group: Optional[int] = None,

@@ -28,7 +28,7 @@ def quantize_per_token(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int =
     takes = x.dtype == torch.float32 and x.dim() >= 2
     if not use_native("quantize_per_token", x, backend, takes=takes, why="takes float32 (..., tokens, channels)"):
         return quantize_per_token_ref(x, scale, zero_point, bits)
-    per_token(scale, x), per_token(zero_point, x)  # shape check, same message as the twin
+    check_per_token(scale, x), check_per_token(zero_point, x)  # same message as the twin
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be 2..8, got {bits}")
     return torch.ops.vmq.quantize_per_token(x, scale.float(), zero_point, bits)
@@ -38,9 +38,14 @@ def dequantize_per_token_ref(q: Tensor, scale: Tensor, zero_point: Tensor) -> Te
     return (q.float() - per_token(zero_point, q).float()) * per_token(scale, q).float()
 
 
-def per_token(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` of shape (tokens,) or ``x.shape[:-1]``, made broadcastable over ``x``'s channels."""
-    if tuple(t.shape) not in ((x.shape[-2],), tuple(x.shape[:-1])):
+def check_per_token(t: Tensor, x: Tensor) -> None:
+    """Raise unless ``t`` has shape (tokens,) or ``x.shape[:-1]``."""
+    if t.shape != x.shape[-2:-1] and t.shape != x.shape[:-1]:
         raise ValueError(f"per-token parameters must be ({x.shape[-2]},) or {tuple(x.shape[:-1])}, "
                          f"got {tuple(t.shape)}")
+
+
+def per_token(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` of shape (tokens,) or ``x.shape[:-1]``, made broadcastable over ``x``'s channels."""
+    check_per_token(t, x)
     return t.unsqueeze(-1)
