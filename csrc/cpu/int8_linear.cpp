@@ -113,23 +113,27 @@ inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int6
 // Weights (N, K) int8 -> blocks of kNr channels: for block j, group p, kNr lanes of
 // (w[n, kGk p], ..., w[n, kGk p + kGk - 1]), zero past the edges.
 void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t* w_sum) {
-  const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr;
+  const int64_t kp = (k + kGk - 1) / kGk, full = k / kGk, blocks = (n + kNr - 1) / kNr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j = b0; j < b1; ++j) {
       int8_t* dst = packed + j * kp * kGk * kNr;
-      for (int64_t p = 0; p < kp; ++p) {
-        for (int64_t l = 0; l < kNr; ++l) {
-          const int64_t row = j * kNr + l;
-          for (int64_t h = 0; h < kGk; ++h) {
-            const int64_t col = kGk * p + h;
-            dst[(p * kNr + l) * kGk + h] = (row < n && col < k) ? w[row * k + col] : 0;
-          }
+      for (int64_t l = 0; l < kNr; ++l) {
+        const int64_t row = j * kNr + l;
+        int8_t* lane = dst + l * kGk;  // group p of this lane at lane + p * kNr * kGk
+        if (row >= n) {
+          for (int64_t p = 0; p < kp; ++p) std::memset(lane + p * kNr * kGk, 0, kGk);
+          continue;
         }
-      }
-      for (int64_t l = 0; l < kNr && j * kNr + l < n; ++l) {
-        int32_t s = 0;
-        for (int64_t c = 0; c < k; ++c) s += w[(j * kNr + l) * k + c];
-        w_sum[j * kNr + l] = s;
+        const int8_t* src = w + row * k;
+        for (int64_t p = 0; p < full; ++p) std::memcpy(lane + p * kNr * kGk, src + p * kGk, kGk);
+        if (full < kp) {  // the last, partial group: zero past k
+          int8_t tail[kGk] = {};
+          std::memcpy(tail, src + full * kGk, k - full * kGk);
+          std::memcpy(lane + full * kNr * kGk, tail, kGk);
+        }
+        int32_t sum = 0;
+        for (int64_t c = 0; c < k; ++c) sum += src[c];
+        w_sum[row] = sum;
       }
     }
   });
