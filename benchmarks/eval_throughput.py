@@ -47,7 +47,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    from vmq.runtime import retain_freed_memory
 
+    retain_freed_memory()  # as vmq eval does; the ViT baseline runs under it too
     vim = create_model(args.model if args.model != REFERENCE_MODEL else None).eval()
     cfg = vim.cfg
     vit = timm.create_model("vit_tiny_patch16_224", img_size=cfg.img_size, patch_size=cfg.patch_size,

@@ -66,47 +66,54 @@ struct Epilogue {
 using vmq::cpu::v16f;
 using vmq::cpu::v16i;
 
-// The epilogue of one tile row: columns [n0, n0 + cols) of row m from the raw sums acc[0..16).
-// Same operations and order as the twin, lane by lane, and no multiply-add fusion.
-// ``r``: the row's index into the per-token parameters. The channel parameters are padded to
-// whole blocks (Epilogue::w_scale, bias: kNr-aligned copies), so only the store is partial.
-inline void finish_row(const Epilogue& e, int64_t m, int64_t r, int64_t n0, int64_t cols, const int32_t* acc_raw) {
-  v16i acc, w_sum;
+// The epilogue of one tile: columns [n0, n0 + cols) of rows m0 .. m0 + rows - 1 from their raw
+// sums acc[r][0..16). Same operations and order as the twin, lane by lane, and no multiply-add
+// fusion. param_row[r]: row r's index into the per-token parameters. The channel parameters are
+// padded to whole blocks (Epilogue::w_scale, bias: kNr-aligned copies), loaded once per tile;
+// only the store is partial. kBias / kRequant: bias present / uint8 output.
+template <bool kBias, bool kRequant>
+inline void finish_tile(const Epilogue& e, int64_t m0, int rows, const int64_t* param_row, int64_t n0, int64_t cols,
+                        const int32_t (*acc_raw)[kNr]) {
+  v16i w_sum;
   v16f w_scale, bias{};
-  std::memcpy(&acc, acc_raw, sizeof(acc));
   std::memcpy(&w_sum, e.w_sum + n0, sizeof(w_sum));
   std::memcpy(&w_scale, e.w_scale + n0, sizeof(w_scale));
-  if (e.bias) std::memcpy(&bias, e.bias + n0, sizeof(bias));
-  const v16i corrected = acc - e.x_zp[r] * w_sum;
-  const v16f s = e.x_scale[r] * w_scale;
-  v16f y = __builtin_convertvector(corrected, v16f) * s;
-  y = vmq::cpu::opaque(y);  // keep y * s + bias from becoming one fused multiply-add
-  if (e.bias) y = y + bias;
-  if (!e.out_q) {
-    if (cols == kNr) {
-      std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(y));
+  if constexpr (kBias) std::memcpy(&bias, e.bias + n0, sizeof(bias));
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i, r = param_row[i];
+    v16i acc;
+    std::memcpy(&acc, acc_raw[i], sizeof(acc));
+    const v16i corrected = acc - e.x_zp[r] * w_sum;
+    const v16f s = e.x_scale[r] * w_scale;
+    v16f y = __builtin_convertvector(corrected, v16f) * s;
+    y = vmq::cpu::opaque(y);  // keep y * s + bias from becoming one fused multiply-add
+    if constexpr (kBias) y = y + bias;
+    if constexpr (!kRequant) {
+      if (cols == kNr) {
+        std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(y));
+      } else {
+        std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(float) * cols);
+      }
     } else {
-      std::memcpy(e.out_f + m * e.n + n0, &y, sizeof(float) * cols);
+      // requantize: clamp(round_half_even(y / scale) + zero point, 0, qmax)
+      v16f q = y / e.out_scale[r];
+      const v16f big = v16f{} + 4194304.f;  // 2^22: anything beyond clamps anyway
+      q = q < -big ? -big : q;
+      q = q > big ? big : q;
+      const v16f t = vmq::cpu::opaque(q + 12582912.f);
+      q = (t - 12582912.f) + static_cast<float>(e.out_zp[r]);
+      q = q < 0.f ? v16f{} : q;
+      q = q > e.qmax ? v16f{} + e.qmax : q;
+      const v16i qi = __builtin_convertvector(q, v16i);
+      uint8_t* dst = e.out_q + m * e.n + n0;
+      typedef uint8_t v16u8 __attribute__((vector_size(16)));
+      const v16u8 qb = __builtin_convertvector(qi, v16u8);
+      if (cols == kNr) {
+        std::memcpy(dst, &qb, sizeof(qb));
+      } else {
+        std::memcpy(dst, &qb, cols);
+      }
     }
-    return;
-  }
-  // requantize: clamp(round_half_even(y / scale) + zero point, 0, qmax)
-  v16f q = y / e.out_scale[r];
-  const v16f big = v16f{} + 4194304.f;  // 2^22: anything beyond clamps anyway
-  q = q < -big ? -big : q;
-  q = q > big ? big : q;
-  const v16f t = vmq::cpu::opaque(q + 12582912.f);
-  q = (t - 12582912.f) + static_cast<float>(e.out_zp[r]);
-  q = q < 0.f ? v16f{} : q;
-  q = q > e.qmax ? v16f{} + e.qmax : q;
-  const v16i qi = __builtin_convertvector(q, v16i);
-  uint8_t* dst = e.out_q + m * e.n + n0;
-  typedef uint8_t v16u8 __attribute__((vector_size(16)));
-  const v16u8 qb = __builtin_convertvector(qi, v16u8);
-  if (cols == kNr) {
-    std::memcpy(dst, &qb, sizeof(qb));
-  } else {
-    std::memcpy(dst, &qb, cols);
   }
 }
 
@@ -254,7 +261,7 @@ struct FloatRows {
   }
 };
 
-template <class Rows>
+template <bool kBias, bool kRequant, class Rows>
 void gemm(const Rows& load_row, int64_t m, int64_t k, const int8_t* packed, int64_t n, const Epilogue& e) {
   const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // tasks: groups of row tiles; each prepares its rows once and sweeps every channel block
@@ -277,7 +284,7 @@ void gemm(const Rows& load_row, int64_t m, int64_t k, const int8_t* packed, int6
         for (int64_t j = 0; j < blocks; ++j) {
           tile_rows(rows, xw.data(), kp, packed + j * kp * kGk * kNr, out);
           const int64_t cols = std::min<int64_t>(kNr, n - j * kNr);
-          for (int r = 0; r < rows; ++r) finish_row(e, m0 + r, param_row[r], j * kNr, cols, out[r]);
+          finish_tile<kBias, kRequant>(e, m0, rows, param_row, j * kNr, cols, out);
         }
       }
     }
@@ -345,7 +352,11 @@ at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes,
                    static_cast<float>((1 << out_bits) - 1),
                    out_scale ? nullptr : out.data_ptr<float>(),
                    out_scale ? out.data_ptr<uint8_t>() : nullptr};
-  gemm(rows, m, k, packed.data(), n, e);
+  if (bias) {
+    out_scale ? gemm<true, true>(rows, m, k, packed.data(), n, e) : gemm<true, false>(rows, m, k, packed.data(), n, e);
+  } else {
+    out_scale ? gemm<false, true>(rows, m, k, packed.data(), n, e) : gemm<false, false>(rows, m, k, packed.data(), n, e);
+  }
   return out;
 }
 
