@@ -1,6 +1,6 @@
 """Kernel speed: each compiled vmq kernel against its baseline, timed in the same process.
 
-    python benchmarks/kernels.py [--repeats 7] [--threads 2] [--packed FILE] [--json]
+    python benchmarks/kernels.py [--repeats 7] [--threads 2] [--packed FILE] [--default-allocator] [--json]
 
 CPU cases (always):
 * fused bidirectional scan (``vmq::bidirectional_scan``) against the PyTorch reference loop
@@ -265,6 +265,9 @@ def main() -> None:
     ap.add_argument("--packed", type=Path, default=None, help="packed file for the end-to-end case")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--gpu-only", action="store_true", help="run the GPU cases only")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's malloc settings alone (by default freed memory is retained, as vmq bench "
+                         "does: the PyTorch reference loop allocates large tensors and otherwise page-faults them in)")
     args = ap.parse_args()
     import torch
 
@@ -275,7 +278,8 @@ def main() -> None:
     from vmq.runtime import retain_freed_memory
 
     torch.set_num_threads(args.threads)
-    retain_freed_memory()  # as vmq bench does; both sides of every ratio run under it
+    allocator = "default" if args.default_allocator else (
+        "freed memory retained" if retain_freed_memory() else "default")  # as vmq bench; both sides of every ratio
     ghz = cpu_ghz()
     isa = getattr(_library.NATIVE, "cpu_isa", "generic")
     peak_int = args.threads * ghz * 1e9 * MACS_PER_CYCLE.get(isa, 1)  # int8 products per second
@@ -292,9 +296,10 @@ def main() -> None:
     elif args.gpu_only:
         raise SystemExit("--gpu-only: no CUDA device")
     if args.json:
-        print(json.dumps({"threads": args.threads, "cpu_ghz": ghz, "cpu_isa": isa, "rows": rows}, indent=2))
+        print(json.dumps({"threads": args.threads, "cpu_ghz": ghz, "cpu_isa": isa, "allocator": allocator,
+                          "rows": rows}, indent=2))
         return
-    print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz, int8 path {isa}")
+    print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz, int8 path {isa}, allocator: {allocator}")
     print(f"{'case':<62} {'kernel ms':>10} {'baseline ms':>12} {'ratio':>7}  baseline")
     for r in rows:
         extra = f"  ({100 * r['fraction_of_peak']:.0f} % of int peak)" if r.get("fraction_of_peak") else ""
