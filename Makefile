@@ -43,13 +43,15 @@ test: install
 # target, each built (CPU kernels only) in a scratch copy and held to the twins by the kernel tests.
 ISA_ARCHS ?= x86-64-v3 portable
 test-isa: install
-	@set -e; for arch in $(ISA_ARCHS); do \
-	  dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	@set -e; trap 'rm -rf "$$dir"' EXIT; for arch in $(ISA_ARCHS); do \
+	  dir=$$(mktemp -d); \
 	  cp -r setup.py README.md pytest.ini vmq csrc tests "$$dir"/; rm -f "$$dir"/vmq/_C*.so; \
 	  (cd "$$dir" && VMQ_BUILD_CUDA=0 VMQ_CPU_ARCH=$$arch $(CURDIR)/$(PY) setup.py build_ext --inplace \
 	    > build.log 2>&1 || { tail -20 build.log; exit 1; }); \
 	  cd "$$dir"; export PYTHONPATH="$$dir" VMQ_REQUIRE_NATIVE=1 VMQ_BUILD_CUDA=0 VMQ_EXPECT_ROOT="$$dir"; \
-	  $(CURDIR)/$(PY) -c "from vmq.ops import _library as L; print('test-isa: -march=$$arch, int8 path', L.NATIVE.cpu_isa)"; \
+	  $(CURDIR)/$(PY) -c "from vmq.ops import _library as L; isa = L.NATIVE.cpu_isa; \
+	    print('test-isa: -march=$$arch, int8 path', isa); \
+	    assert isa == {'x86-64-v3': 'avx2', 'portable': 'generic'}.get('$$arch', isa), 'unexpected int8 path'"; \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py; \
 	  cd $(CURDIR); rm -rf "$$dir"; \
 	done

@@ -87,6 +87,16 @@ def test_scan_kernel_extreme_inputs_stay_finite():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@native
+def test_scan_kernel_propagates_nan_like_twin():
+    args = _scan_inputs(2, 20, 9, 16, seed=6)
+    args[1][0, 3, 2] = float("nan")  # through softplus, the decay and the state
+    out = bidirectional_scan(*args, delta_softplus=True, backend="cpu")
+    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True)
+    assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
 def _linear_inputs(batch, tokens, k, n, seed=0, per_row=False):
     g = torch.Generator().manual_seed(seed)
     x_q = torch.randint(0, 256, (batch, tokens, k), dtype=torch.uint8, generator=g)
@@ -136,9 +146,16 @@ def test_quantize_per_token_is_bit_identical_to_twin():
     # exact halves: round half to even
     x[0, 0, :8] = (torch.arange(8) + 0.5) * scale[0]
     x[1, 1, :4] = torch.tensor([1e30, -1e30, 3e7, -3e7])  # beyond the exact-rounding range: clamped
+    x[2, 1, :4] = torch.tensor([-5e6, 5e6, 7.5, 0.0]) * scale[1]
     for bits in (8, 6, 4):
         assert torch.equal(quantize_per_token(x, scale, zp % (1 << bits), bits, backend="cpu"),
                            quantize_per_token_ref(x, scale, zp % (1 << bits), bits))
+    # zero points far outside the code range (still exact up to 2^21), and refused beyond
+    big = torch.full((10,), 2 ** 21 - 1, dtype=torch.int32)
+    for z in (big, -big):
+        assert torch.equal(quantize_per_token(x, scale, z, 8, backend="cpu"), quantize_per_token_ref(x, scale, z, 8))
+    with pytest.raises(RuntimeError, match="zero points must lie within"):
+        quantize_per_token(x, scale, big + 1, 8, backend="cpu")
 
 
 @native

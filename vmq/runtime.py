@@ -16,16 +16,20 @@ import ctypes
 import ctypes.util
 import functools
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
-_MMAP_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h>
+_TRIM_THRESHOLD = 1 << 30
 _TOP_PAD = 64 << 20
 
 
 @functools.lru_cache(maxsize=None)
 def retain_freed_memory() -> bool:
-    """Ask glibc to serve allocations below 1 GiB from its heap and keep freed memory; True when applied.
+    """Ask glibc to serve every block from its heap and keep freed memory for reuse; True when applied.
 
-    A no-op (False) where the C library is not glibc. Affects the whole process, once.
+    ``M_MMAP_MAX = 0`` (no block gets a mapping of its own: a raised ``M_MMAP_THRESHOLD`` is
+    capped at 32 MiB, smaller than large models' activations), then a 1 GiB trim threshold and
+    64 MiB of top padding. A no-op (False) where the C library is not glibc or refuses the first
+    setting; the others are then left alone (on their own they would pin glibc's adaptive mmap
+    threshold at its minimum). Affects the whole process, once.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -33,7 +37,6 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD) == 1 and ok
-    ok = mallopt(_M_TOP_PAD, _TOP_PAD) == 1 and ok
-    return ok
+    if mallopt(_M_MMAP_MAX, 0) != 1:
+        return False
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mallopt(_M_TOP_PAD, _TOP_PAD) == 1

@@ -291,6 +291,17 @@ void gemm(const Rows& load_row, int64_t m, int64_t k, const int8_t* packed, int6
   });
 }
 
+// The vector quantizers clamp x / scale to +-2^22 before rounding (the rounding trick's range)
+// and then add the zero point; that equals the twin's round(x / scale) + zero_point followed by
+// the clamp to [0, qmax] whenever |zero_point| < 2^21 (a value clamped at 2^22 then saturates
+// either way). Zero points are codes in [0, qmax]; this only refuses absurd ones.
+void check_zero_points(const char* op, const at::Tensor& zp_float) {
+  const float* z = zp_float.data_ptr<float>();
+  for (int64_t i = 0; i < zp_float.numel(); ++i) {
+    TORCH_CHECK(std::fabs(z[i]) < 2097152.f, op, ": zero points must lie within +-2^21, got ", z[i]);
+  }
+}
+
 void check_per_token(const char* op, const at::Tensor& t, at::ScalarType dtype, int64_t tokens, int64_t rows,
                      const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, op, ": ", what, " must be a CPU ", dtype,
@@ -329,6 +340,7 @@ at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes,
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor os = out_scale ? out_scale->contiguous() : at::Tensor();
   const at::Tensor oz = out_zero_point ? out_zero_point->contiguous() : at::Tensor();
+  if (out_zero_point) check_zero_points(op, oz.to(at::kFloat));
   std::vector<int64_t> shape(x_sizes.begin(), x_sizes.end());
   shape.back() = n;
   at::Tensor out = at::empty(shape, opts.dtype(out_scale ? at::kByte : at::kFloat));
@@ -398,6 +410,7 @@ at::Tensor int8_linear_from_float(const at::Tensor& x, const std::optional<at::T
   }
   const at::Tensor xc = x.contiguous(), sc = smooth_scale ? smooth_scale->contiguous() : at::Tensor();
   const at::Tensor xs = x_scale.contiguous(), zf = x_zero_point.to(at::kFloat).contiguous();
+  check_zero_points(kOp, zf);
   const FloatRows rows{xc.data_ptr<float>(), smooth_scale ? sc.data_ptr<float>() : nullptr, xs.data_ptr<float>(),
                        zf.data_ptr<float>(), xs.numel(), k, static_cast<float>((1 << x_bits) - 1)};
   return run_linear(kOp, rows, x.sizes(), x.options(), m, k, tokens, x_scale, x_zero_point, w_q, w_scale, bias,
@@ -419,6 +432,7 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
                   (zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kFloat),
               "quantize_per_token: zero_point must be int32 or float32, shaped like scale");
   const at::Tensor xc = x.contiguous(), sc = scale.contiguous(), zc = zero_point.to(at::kFloat).contiguous();
+  check_zero_points("quantize_per_token", zc);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   const float *px = xc.data_ptr<float>(), *ps = sc.data_ptr<float>(), *pz = zc.data_ptr<float>();
   uint8_t* pq = q.data_ptr<uint8_t>();

@@ -231,8 +231,9 @@ inline V vlog1p_01(V t) {
 // does). exp by vexp2 and log1p by vlog1p_01: relative error below 5e-7.
 template <class V>
 inline V vsoftplus(V x) {
-  const V ax = vmax(x, -x);
-  const V sp = vmax(x, splat<V>(0.f)) + vlog1p_01(vexp2(ax * -1.44269504088896341f));
+  // operand order: vmax(a, b) returns b where either is NaN, so a NaN x comes through
+  const V ax = vmax(-x, x);
+  const V sp = vmax(splat<V>(0.f), x) + vlog1p_01(vexp2(ax * -1.44269504088896341f));
   return x > 20.f ? x : sp;
 }
 

@@ -43,13 +43,14 @@ def bidirectional_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                               bias_b: Optional[Tensor], backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Both directions' ``u`` in one call (see the module docstring); ``backend``: :mod:`vmq.ops.backend`.
 
-    The kernel takes float32 tensors without gradients and returns token-major storage viewed
-    as (batch, d_inner, seqlen).
+    The kernel takes float32 tensors without gradients and kernels of at most 16 taps, and
+    returns token-major storage viewed as (batch, d_inner, seqlen).
     """
     tensors = [t for t in (x, weight, bias, weight_b, bias_b) if t is not None]
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    takes = all(t.dtype == torch.float32 for t in tensors) and not grads
+    takes = (all(t.dtype == torch.float32 for t in tensors) and not grads and x.dim() == 3
+             and weight.dim() == 2 and weight.shape == weight_b.shape and weight.shape[-1] <= 16)
     if not use_native("bidirectional_conv1d_silu", x, backend, takes=takes,
-                      why="takes float32 inputs without gradients"):
+                      why="takes float32 inputs without gradients and kernels of at most 16 taps"):
         return bidirectional_conv1d_silu_ref(x, weight, bias, weight_b, bias_b)
     return torch.ops.vmq.bidirectional_conv1d_silu(x, weight, bias, weight_b, bias_b)
