@@ -141,6 +141,29 @@ def test_quant_linear_fake_and_integer_agree(w_bits, a_strategy, w_strategy):
     assert rel < {8: 0.02, 6: 0.05, 4: 0.2}[w_bits]
 
 
+def test_quantized_linear_cached_kernel_arguments_follow_buffer_changes():
+    from vmq.quant.qlinear import QuantLinear
+
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(16, 8)
+    q = QuantLinear(lin, 8, 8, "token_static", num_tokens=5).eval()
+    x = torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        q.w_quant.scale.copy_(weight_scale_search(lin.weight, 8))
+        q.a_quant.set_range(*activation_range_search(x, 8, per_token=True))
+        frozen = q.freeze()
+        first = frozen(x)
+        for change in (lambda: frozen.input_scale.mul_(2.0), lambda: frozen.weight_scale.mul_(0.5),
+                       lambda: setattr(frozen, "bias", torch.ones(8))):
+            change()
+            out = frozen(x)
+            frozen.backend = "ref"
+            assert torch.equal(out, frozen(x)) and not torch.equal(out, first)
+            frozen.backend = "auto"
+            first = out
+
+
 def test_quantized_linear_refuses_other_token_count():
     from vmq.quant.qlinear import QuantLinear
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vmq.errors import VmqError
 from vmq.ops import _library
-from vmq.ops.linear import int8_linear, int8_linear_from_float, pack_int4, w4a8_linear
+from vmq.ops.linear import int8_linear, pack_int4, w4a8_linear
 from vmq.ops.quantize import quantize_per_token
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
@@ -163,16 +163,33 @@ class QuantizedLinear(nn.Module):
             if self.a_strategy == "token_static" and self.input_scale.numel() != tokens:
                 raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
                                  f"the input has {tokens}")
-            scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
             if self._use_fused_input(x):  # smoothing and quantization as rows enter the GEMM
-                return int8_linear_from_float(x, smooth, scale, zp, self.a_bits, self.weight, self.weight_scale,
-                                              self.bias, backend=self.backend)
+                return torch.ops.vmq.int8_linear_from_float(x, *self._fused_arguments(tokens))
+            scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
             if smooth is not None:
                 x = x / smooth
         x_q = quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend)
         if self._use_int4_kernel(x_q):
             return w4a8_linear(x_q, scale, zp, self._packed_int4(), self.weight_scale, self.bias, backend=self.backend)
         return int8_linear(x_q, scale, zp, self.weight, self.weight_scale, self.bias, backend=self.backend)
+
+    def _fused_arguments(self, tokens: int) -> tuple:
+        """The arguments of ``vmq::int8_linear_from_float`` after ``x``, in the kernel's dtypes (what
+        :func:`vmq.ops.linear.int8_linear_from_float` would pass). Cached while the buffers are the
+        same tensors at the same versions: at batch 1 the per-call preparation costs as much as
+        the kernel."""
+        buffers = (self.input_scale, self.input_zero_point, self.weight, self.weight_scale, self.bias,
+                   self.smooth_scale)
+        key = (tokens, *((id(t), t._version) for t in buffers if t is not None))
+        cached = self.__dict__.get("_fused_cache")
+        if cached is None or cached[0] != key:
+            w_scale = self.weight_scale.float().reshape(-1)
+            args = (None if self.smooth_scale is None else self.smooth_scale.float(),
+                    self.input_scale.float().expand(tokens), self.input_zero_point.to(torch.int32).expand(tokens),
+                    self.a_bits, self.weight, w_scale.expand(self.out_features) if w_scale.numel() == 1 else w_scale,
+                    None if self.bias is None else self.bias.float())
+            cached = self.__dict__["_fused_cache"] = (key, args)
+        return cached[1]
 
     def _use_fused_input(self, x: Tensor) -> bool:
         """Whether the fused float-input kernel runs this layer (static scales; where it is built)."""
