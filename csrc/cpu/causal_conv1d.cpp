@@ -25,9 +25,7 @@ namespace {
 
 using vmq::cpu::VecF;
 constexpr int kW = vmq::cpu::VecTraits<VecF>::kLanes;  // channels per block: 16 with AVX-512, else 8
-inline VecF load_lanes(const float* p, int nc) {
-  return nc == kW ? vmq::cpu::loadv<VecF>(p) : vmq::cpu::loadv_partial<VecF>(p, nc);
-}
+using vmq::cpu::load_lanes;
 
 struct Kernel {
   const float* w_t;   // (k, d): w transposed
@@ -43,8 +41,8 @@ void conv_block(const Kernel& kn, int64_t dim, int64_t k_rt, int64_t len, int64_
                 const float* __restrict xb, float* __restrict out, int64_t out_stride) {
   const int64_t k = kK > 0 ? kK : k_rt;
   VecF w[kK > 0 ? kK : 16];
-  for (int64_t j = 0; j < k; ++j) w[j] = load_lanes(kn.w_t + j * dim + e0, nc);
-  const VecF bias = kn.bias ? load_lanes(kn.bias + e0, nc) : VecF{};
+  for (int64_t j = 0; j < k; ++j) w[j] = load_lanes<VecF>(kn.w_t + j * dim + e0, nc);
+  const VecF bias = kn.bias ? load_lanes<VecF>(kn.bias + e0, nc) : VecF{};
   // tap j reads token t + off + step * j
   const int64_t off = reverse ? k - 1 : -(k - 1), step = reverse ? -1 : 1;
   for (int64_t t = 0; t < len; ++t) {
@@ -52,11 +50,7 @@ void conv_block(const Kernel& kn, int64_t dim, int64_t k_rt, int64_t len, int64_
     const float* x0 = xb + (t + off) * kW;
     for (int64_t j = 0; j < k; ++j) acc += w[j] * vmq::cpu::loadv<VecF>(x0 + step * j * kW);
     const VecF y = vmq::cpu::vsilu(acc);
-    if (nc == kW) {
-      vmq::cpu::storev(out + t * out_stride, y);
-    } else {
-      vmq::cpu::storev_partial(out + t * out_stride, y, nc);
-    }
+    vmq::cpu::store_lanes(out + t * out_stride, y, nc);
   }
 }
 
@@ -103,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> bidirectional_conv1d_silu(const at::Tensor& x
         const float* src = px + b * s0 + e0 * s1 + t * s2;
         float* dst = xb + t * kW;
         if (s1 == 1) {
-          vmq::cpu::storev(dst, load_lanes(src, nc));
+          vmq::cpu::storev(dst, load_lanes<VecF>(src, nc));
         } else {
           for (int i = 0; i < kW; ++i) dst[i] = i < nc ? src[i * s1] : 0.f;
         }

@@ -96,14 +96,8 @@ inline void finish_tile(const Epilogue& e, int64_t m0, int rows, const int64_t* 
       }
     } else {
       // requantize: clamp(round_half_even(y / scale) + zero point, 0, qmax)
-      v16f q = y / e.out_scale[r];
-      const v16f big = v16f{} + 4194304.f;  // 2^22: anything beyond clamps anyway
-      q = q < -big ? -big : q;
-      q = q > big ? big : q;
-      const v16f t = vmq::cpu::opaque(q + 12582912.f);
-      q = (t - 12582912.f) + static_cast<float>(e.out_zp[r]);
-      q = q < 0.f ? v16f{} : q;
-      q = q > e.qmax ? v16f{} + e.qmax : q;
+      const v16f q = vmq::cpu::quantize_codes(y, vmq::cpu::splat<v16f>(e.out_scale[r]),
+                                              static_cast<float>(e.out_zp[r]), e.qmax);
       const v16i qi = __builtin_convertvector(q, v16i);
       uint8_t* dst = e.out_q + m * e.n + n0;
       typedef uint8_t v16u8 __attribute__((vector_size(16)));
@@ -217,19 +211,17 @@ inline void widen(const uint8_t* __restrict src, uint8_t* __restrict dst, int64_
 
 // q = clamp(round_half_even(x / scale) + zero_point, 0, qmax) of one row of c values, x first
 // divided by the smoothing scales when there are any: the operations of quantize_per_token_ref,
-// 8 at a time (exact ties-to-even rounding for |v| < 2^22; beyond, the clamp decides anyway)
+// 8 at a time (vmq::cpu::quantize_codes), the tail one by one
 template <class T>
 void quantize_row(const float* __restrict x, const float* __restrict smooth, float s, float z, float qmax,
                   T* __restrict out, int64_t c) {
   typedef T v8t __attribute__((vector_size(8 * sizeof(T))));
-  const v8f vs = splat(s), vz = splat(z), big = splat(4194304.f), magic = splat(12582912.f);
+  const v8f vs = splat(s);
   int64_t i = 0;
   for (; i + 8 <= c; i += 8) {
-    v8f v = vmq::cpu::load8(x + i);
-    if (smooth) v = v / vmq::cpu::load8(smooth + i);
-    v = vmq::cpu::vmin(vmq::cpu::vmax(v / vs, -big), big);
-    const v8f t = vmq::cpu::opaque(v + magic);  // no folding of (v + magic) - magic
-    v = vmq::cpu::vmin(vmq::cpu::vmax((t - magic) + vz, splat(0.f)), splat(qmax));
+    v8f v = vmq::cpu::loadv<v8f>(x + i);
+    if (smooth) v = v / vmq::cpu::loadv<v8f>(smooth + i);
+    v = vmq::cpu::quantize_codes(v, vs, z, qmax);
     const v8t q = __builtin_convertvector(__builtin_convertvector(v, vmq::cpu::v8i), v8t);
     std::memcpy(out + i, &q, sizeof(q));
   }

@@ -32,9 +32,7 @@ namespace {
 using vmq::cpu::VecF;
 constexpr int kW = vmq::cpu::VecTraits<VecF>::kLanes;  // channels per block: 16 with AVX-512, else 8
 inline VecF splat(float x) { return vmq::cpu::splat<VecF>(x); }
-inline VecF load_lanes(const float* p, int nc) {
-  return nc == kW ? vmq::cpu::loadv<VecF>(p) : vmq::cpu::loadv_partial<VecF>(p, nc);
-}
+using vmq::cpu::load_lanes;
 
 // A (batch, d_inner, seqlen) float or int8 tensor read through its strides.
 struct Strided {
@@ -70,7 +68,7 @@ inline VecF load_input(const Strided& x, const float* scale, int64_t b, int64_t 
     if (x.int8) {
       v = vmq::cpu::loadv_i8<VecF>(static_cast<const int8_t*>(x.p) + off, nc);
     } else {
-      v = load_lanes(static_cast<const float*>(x.p) + off, nc);
+      v = load_lanes<VecF>(static_cast<const float*>(x.p) + off, nc);
     }
   } else {
     float tmp[kW] = {};
@@ -86,8 +84,8 @@ inline VecF load_input(const Strided& x, const float* scale, int64_t b, int64_t 
   return scale ? v * scale[t] : v;
 }
 
-// states scanned together: 2 measured best (1: too little independent work per token; 4:
-// registers run out)
+// states scanned together: 2 (1 leaves too little independent work per token; 4 ran no faster
+// on Zen 4 with AVX-512 and runs out of registers with AVX2)
 constexpr int kGroup = 2;
 
 // G states n0 .. n0 + G - 1 of one direction over one block of channels, all tokens: the state
@@ -104,7 +102,7 @@ inline void scan_states(const Direction& dir, int64_t b, int64_t e0, int nc, int
   const float* Bp[G];
   const float* Cp[G];
   for (int g = 0; g < G; ++g) {
-    A2[g] = load_lanes(dir.A_t + (n0 + g) * dim + e0, nc) * kScale;
+    A2[g] = load_lanes<VecF>(dir.A_t + (n0 + g) * dim + e0, nc) * kScale;
     h[g] = splat(0.f);
     Bp[g] = dir.B + b * dir.sB0 + (n0 + g) * dir.sB1;
     Cp[g] = dir.C + b * dir.sC0 + (n0 + g) * dir.sC1;
@@ -125,7 +123,7 @@ inline void scan_states(const Direction& dir, int64_t b, int64_t e0, int nc, int
 // One direction over one block of channels [e0, e0 + nc); adds into y (reverse: t = L-1 .. 0).
 void scan_block(const Problem& g, const Direction& dir, int64_t b, int64_t e0, int nc, bool reverse,
                 float* __restrict y, float* __restrict dt, float* __restrict du) {
-  const VecF Dv = dir.D ? load_lanes(dir.D + e0, nc) : splat(0.f);
+  const VecF Dv = dir.D ? load_lanes<VecF>(dir.D + e0, nc) : splat(0.f);
   for (int64_t t = 0; t < g.len; ++t) {
     const VecF u = load_input(dir.u, dir.u_scale, b, e0, t, nc);
     VecF d = load_input(dir.delta, dir.delta_scale, b, e0, t, nc);
@@ -154,11 +152,7 @@ void run(const Problem& g, const Direction& fwd, const Direction* bwd) {
         VecF v = vmq::cpu::loadv<VecF>(y.data() + t * kW);
         if (g.divide_out) v = v * 0.5f;
         if (g.z.p) v = v * vmq::cpu::vsilu(load_input(g.z, nullptr, b, e0, t, nc));
-        if (nc == kW) {
-          vmq::cpu::storev(g.out + off, v);
-        } else {
-          vmq::cpu::storev_partial(g.out + off, v, nc);
-        }
+        vmq::cpu::store_lanes(g.out + off, v, nc);
       }
     }
   });

@@ -84,12 +84,20 @@ inline V loadv_i8(const int8_t* p, int n) {
   return __builtin_convertvector(b, V);
 }
 
-// eight-lane names
-inline v8f load8(const float* p) { return loadv<v8f>(p); }
-inline void store8(float* p, v8f v) { storev(p, v); }
-inline v8f load_partial(const float* p, int n) { return loadv_partial<v8f>(p, n); }
-inline void store_partial(float* p, v8f v, int n) { storev_partial(p, v, n); }
-inline v8f load8_i8(const int8_t* p, int n = 8) { return loadv_i8<v8f>(p, n); }
+// the first n (1..lanes) lanes of a block: whole vectors when n is the full width
+template <class V>
+inline V load_lanes(const float* p, int n) {
+  return n == VecTraits<V>::kLanes ? loadv<V>(p) : loadv_partial<V>(p, n);
+}
+
+template <class V>
+inline void store_lanes(float* p, V v, int n) {
+  if (n == VecTraits<V>::kLanes) {
+    storev(p, v);
+  } else {
+    storev_partial(p, v, n);
+  }
+}
 
 // a > b ? a : b and a < b ? a : b (b where either is NaN): one instruction where the ISA has it
 #ifdef __AVX__
@@ -150,8 +158,7 @@ inline typename VecTraits<V>::I float_bits(V v) {
 // 2^x, x clamped to [-125, 127]: x = k + f with k an integer and |f| <= 1/2; 2^f by a degree-5
 // polynomial (relative error 2.4e-7, a minimax fit on [-1/2, 1/2] made for vmq), and k added to
 // the exponent bits. Adding 1.5 * 2^23 rounds x to k and leaves k in the low mantissa bits, so a
-// shift by 23 yields k << 23 without a conversion. Cheaper than vexp: the scan's decay
-// exp(dt A) is evaluated as vexp2(dt * (A log2 e)).
+// shift by 23 yields k << 23 without a conversion. exp(x) is vexp2(x * log2 e).
 template <class V>
 inline V vexp2(V x) {
   x = vmin(vmax(x, splat<V>(-125.f)), splat<V>(127.f));
@@ -210,6 +217,17 @@ inline v16f vexp2_fast(v16f x) {
   return bits_as_float<v16f>(float_bits(p) + ((ti >> 5) << 23));
 }
 #endif
+
+// clamp(round_half_even(v / s) + z, 0, qmax) as floats: the operations of
+// quantize_per_token_ref. The magic-number rounding is exact for |v / s| < 2^22, so v / s is
+// clamped there first; beyond it the final clamp decides either way while |z| < 2^21.
+template <class V>
+inline V quantize_codes(V v, V s, float z, float qmax) {
+  const V big = splat<V>(4194304.f), magic = splat<V>(12582912.f);
+  v = vmin(vmax(v / s, -big), big);
+  const V t = opaque(v + magic);  // no folding of (v + magic) - magic
+  return vmin(vmax((t - magic) + z, splat<V>(0.f)), splat<V>(qmax));
+}
 
 // log1p(t) for t in [0, 1]: t P(t), P a degree-8 polynomial (relative error 2.1e-7, a minimax
 // fit made for vmq)

@@ -73,7 +73,7 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor,
     takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
     if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
         return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
-    args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
+    args = native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
     return torch.ops.vmq.int8_linear(x_q, args[0], args[1], w_q, *args[2:], out_bits)
 
 
@@ -98,7 +98,7 @@ def int8_linear_from_float(x: Tensor, smooth_scale: Optional[Tensor], x_scale: T
                       why="takes float32 activations and int8 weights"):
         return int8_linear_from_float_ref(x, smooth_scale, x_scale, x_zero_point, x_bits, w_q, w_scale, bias)
     check_per_token(x_scale, x), check_per_token(x_zero_point, x)  # same message as the twin
-    args = _native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, None, None)
+    args = native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, None, None)
     smooth = None if smooth_scale is None else smooth_scale.float()
     return torch.ops.vmq.int8_linear_from_float(x, smooth, args[0], args[1], x_bits, w_q, args[2], args[3])
 
@@ -136,11 +136,11 @@ def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Te
                       why="takes uint8 activations and (out_features, in_features / 2) packed 4-bit weights"):
         return w4a8_linear_ref(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point,
                                out_bits)
-    args = _native_epilogue_args(w_packed.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
+    args = native_epilogue_args(w_packed.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
     return torch.ops.vmq.w4a8_linear(x_q, args[0], args[1], w_packed, *args[2:], out_bits)
 
 
-def _native_epilogue_args(n: int, x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point):
+def native_epilogue_args(n: int, x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point):
     """The epilogue tensors in the kernels' dtypes; per-tensor weight scales expanded to every channel."""
     f32 = lambda t: t if t is None or t.dtype == torch.float32 else t.float()  # noqa: E731  (no dispatch when already so)
     i32 = lambda t: t if t is None or t.dtype == torch.int32 else t.to(torch.int32)  # noqa: E731

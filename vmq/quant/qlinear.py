@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vmq.errors import VmqError
 from vmq.ops import _library
-from vmq.ops.linear import int8_linear, pack_int4, w4a8_linear
+from vmq.ops.linear import native_epilogue_args, int8_linear, pack_int4, w4a8_linear
 from vmq.ops.quantize import quantize_per_token
 from vmq.quant.quantizers import ActQuantizer, Granularity, WeightQuantizer, WeightStrategy, range_to_qparams
 
@@ -183,12 +183,11 @@ class QuantizedLinear(nn.Module):
         key = (tokens, *((id(t), t._version) for t in buffers if t is not None))
         cached = self.__dict__.get("_fused_cache")
         if cached is None or cached[0] != key:
-            w_scale = self.weight_scale.float().reshape(-1)
-            args = (None if self.smooth_scale is None else self.smooth_scale.float(),
-                    self.input_scale.float().expand(tokens), self.input_zero_point.to(torch.int32).expand(tokens),
-                    self.a_bits, self.weight, w_scale.expand(self.out_features) if w_scale.numel() == 1 else w_scale,
-                    None if self.bias is None else self.bias.float())
-            cached = self.__dict__["_fused_cache"] = (key, args)
+            scale, zp, w_scale, bias = native_epilogue_args(
+                self.out_features, self.input_scale.expand(tokens), self.input_zero_point.expand(tokens),
+                self.weight_scale, self.bias, None, None)[:4]
+            smooth = None if self.smooth_scale is None else self.smooth_scale.float()
+            cached = self.__dict__["_fused_cache"] = (key, (smooth, scale, zp, self.a_bits, self.weight, w_scale, bias))
         return cached[1]
 
     def _use_fused_input(self, x: Tensor) -> bool:
