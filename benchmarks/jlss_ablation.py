@@ -36,27 +36,27 @@ def main() -> None:
     args = ap.parse_args()
 
     from vmq.calib import collect_stats
+    from vmq.compress import compress_model, method_for
     from vmq.data import calibration_images, eval_loader
-    from vmq.evaluate import agreement, evaluate
-    from vmq.models import create_model
-    from vmq.ops.scan_train import training_scan
-    from vmq.quant.ptq import quantize_model
+    from vmq.evaluate import evaluate
+    from vmq.metrics import agreement
+    from vmq.models import create_model, family_of
+    from vmq.ops.scan_train import available
     from vmq.quant.recipe import QuantRecipe
     from vmq.recipe import parse_recipe
 
-    scan = training_scan()
-    if scan is None:
-        raise SystemExit("the fused CPU scan does not build here (needs a C++ compiler and ninja)")
+    if not available():
+        raise SystemExit("the fused CPU training scan is not built (make install builds vmq._C)")
     torch.set_grad_enabled(False)
     base = create_model()
     images, _ = calibration_images(base, None, 256)
     stats = collect_stats(base, images, 64)
     loader, _, _ = eval_loader(base, None, 128)
 
-    def run_eval(model):
-        for block in model.layers:
-            block.mixer.scan_fn = scan
-        return evaluate(model, loader, keep_logits=True)
+    def run_eval(model):  # evaluated on the training scan, as the ablation was first measured
+        family = family_of(model)
+        with family.scan_implementation(model, "train"):
+            return evaluate(model, loader, keep_logits=True)
 
     fp = run_eval(copy.deepcopy(base))
     print(f"floating point: top-1 {fp['top1']:.2f} % on {fp['num_images']} images")
@@ -67,8 +67,7 @@ def main() -> None:
             recipe = parse_recipe({}, QuantRecipe, [f"quantization.scheme={scheme}", *VARIANTS[name]])
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            with torch.enable_grad():
-                quantize_model(model, recipe.quantization, images, stats, 32, recipe.seed, train_scan=scan)
+            compress_model(model, method_for("quantization", recipe.quantization), images, stats, 32, recipe.seed)
             seconds = time.perf_counter() - start
             q = run_eval(model)
             a = agreement(fp["logits"], q["logits"])

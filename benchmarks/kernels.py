@@ -4,7 +4,7 @@
 
 CPU cases (always):
 * fused bidirectional scan (``vmq::bidirectional_scan``) against the PyTorch reference loop
-  (``bidirectional_scan_quantized_ref``) at Vim-Ti shapes (d_inner 384, 197 tokens, d_state 16);
+  (``bidirectional_scan_ref``) at Vim-Ti shapes (d_inner 384, 197 tokens, d_state 16);
 * INT8 linear (``vmq::int8_linear`` on already quantized activations) against fp32 ``F.linear``
   at the projection shapes of the reference model (64 images x 65 tokens) and of Vim-Ti
   (8 images x 197 tokens);
@@ -71,7 +71,7 @@ def cpu_ghz() -> float:
 def scan_cases(repeats, rows):
     import torch
 
-    from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
+    from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
 
     for batch in (1, 8):
         d, l, n = 384, 197, 16
@@ -84,7 +84,7 @@ def scan_cases(repeats, rows):
                      r(batch, l, n).transpose(1, 2), r(batch, l, n).transpose(1, 2), r(d)]
         args.append(r(batch, l, d).transpose(1, 2))
         kernel = lambda: bidirectional_scan(*args, delta_softplus=True, backend="cpu")  # noqa: E731
-        ref = lambda: bidirectional_scan_quantized_ref(*args, delta_softplus=True)  # noqa: E731
+        ref = lambda: bidirectional_scan_ref(*args, None, None, None, None, True, True)  # noqa: E731
         t_k, t_r = interleaved([kernel, ref], repeats)
         rows.append({"case": f"scan Vim-Ti b{batch} (d_inner {d}, L {l}, N {n})", "kernel_ms": t_k * 1e3,
                      "baseline": "PyTorch reference loop", "baseline_ms": t_r * 1e3, "ratio": t_r / t_k})
@@ -120,13 +120,10 @@ def end_to_end(repeats, rows, packed):
     import torch
 
     import vmq.models  # noqa: F401
-    from vmq.ops.backend import set_backend
     from vmq.pack.format import load_packed
 
     q_model, meta = load_packed(packed)
-    fp_model = timm.create_model("vim_ref_cifar10", pretrained=True)
-    for m in (q_model, fp_model):
-        set_backend(m.eval(), "auto")
+    fp_model = timm.create_model("vim_ref_cifar10", pretrained=True).eval()
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         t_q, t_f = interleaved([lambda: q_model(x), lambda: fp_model(x)], repeats)

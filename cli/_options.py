@@ -18,7 +18,7 @@ def model_options(f):
 
 def device_option(f):
     return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                        help="Where to run.")(f)
+                        help="Where to run (the model, the images and the kernels).")(f)
 
 
 def backend_option(f):
@@ -29,22 +29,8 @@ def backend_option(f):
 
 
 def check_device(device: str) -> None:
-    if device == "cuda":
-        import torch
+    """One clear line when the device does not exist here."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise VmqError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-
-
-def load_model(model_name, checkpoint):
-    from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model
-    from vmq.pack.format import is_packed
-
-    if checkpoint is not None and is_packed(checkpoint):
-        raise VmqError(f"{checkpoint} is a vmq packed (quantized) file, not a floating-point checkpoint; "
-                       f"evaluate it with `vmq eval {checkpoint}`")
-    if model_name is not None:
-        config_for(model_name)
-        if checkpoint is None and canonical_name(model_name) != REFERENCE_MODEL:
-            raise VmqError(f"--model {model_name} needs --checkpoint: vmq ships weights only for {REFERENCE_MODEL}")
-    return create_model(model_name, checkpoint, pretrained=checkpoint is None)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VmqError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False)")

@@ -1,10 +1,10 @@
-"""``vmq bench``: latency, throughput and peak memory of a floating-point Vim and its quantized model."""
+"""``vmq bench``: latency, throughput and peak memory of a floating-point model and its compressed model."""
 
 from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device, load_model
+from vmq_cli._options import backend_option, check_device
 
 
 @click.command("bench")
@@ -37,10 +37,10 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     batches = parse_batches(batch)
     import torch
 
+    from vmq.compress.api import load_model
     from vmq.errors import UsageError
-    from vmq.models import config_for, create_model
+    from vmq.models import config_for, create_model, family_of
     from vmq.pack.format import is_packed, load_packed
-
     from vmq.runtime import retain_freed_memory
 
     if threads is not None:
@@ -66,7 +66,7 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     if quant is not None:
         scheme = (packed_meta.get("results") or {}).get("scheme") or "quantized"
         models.append(BenchModel(str(scheme), quant, torch.float32))
-    image_size = fp.cfg.img_size
+    image_size = family_of(fp).input_size(fp)[-1]
     with console.progress("benchmarking", None, every_s=15.0) as update:
         steps = iter(range(1, 1 << 30))
         result = run_bench(models, image_size, batches, torch.device(device), repeats=repeats, warmup=warmup,

@@ -1,10 +1,10 @@
-"""``vmq calibrate``: run the floating-point model on calibration images and cache what PTQ needs."""
+"""``vmq calibrate``: run the floating-point model on calibration images and cache what compression needs."""
 
 from __future__ import annotations
 
 import click
 
-from vmq_cli._options import load_model, model_options
+from vmq_cli._options import check_device, device_option, model_options
 
 
 @click.command("calibrate")
@@ -15,9 +15,10 @@ from vmq_cli._options import load_model, model_options
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Stats file to write (.safetensors).")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(model_name, checkpoint, data, num_images, batch_size, out, as_json):
-    """Record per-layer input statistics of a Vim for `vmq quantize --stats`.
+def command(model_name, checkpoint, data, num_images, batch_size, out, device, as_json):
+    """Record per-layer input statistics of a model for `vmq quantize --stats`.
 
     For every linear layer inside the blocks: min and max per (token, channel) and the
     per-channel second moment, computed block by block on the floating-point model. The file
@@ -27,18 +28,18 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, as_json):
 
     from vmq_cli import _console as console
 
-    import torch
-
+    check_device(device)
     from vmq.calib import collect_stats
+    from vmq.compress.api import load_model
     from vmq.data import calibration_images
     from vmq.fileio import check_output_path
+    from vmq.models import family_of
 
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     check_output_path(out)
-    model = load_model(model_name, checkpoint)
+    model = load_model(model_name, checkpoint).to(device)
     images, source = calibration_images(model, data, num_images)
-    with console.progress("calibrating blocks", len(model.layers)) as update:
+    with console.progress("calibrating blocks", len(family_of(model).blocks(model))) as update:
         stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n))
     stats.save(out)
     result = {
@@ -47,7 +48,7 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, as_json):
         "num_images": int(images.shape[0]),
         "data": source,
         "layers": len(stats.layers),
-        "tokens": int(model.cfg.num_tokens),
+        "tokens": sorted({st.tokens for st in stats.layers.values()}),
         "weights_sha256": stats.meta["weights_sha256"],
         "seconds": round(time.perf_counter() - start, 2),
     }

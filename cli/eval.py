@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device, device_option, load_model, model_options
+from vmq_cli._options import backend_option, check_device, device_option, model_options
 
 
 @click.command("eval")
@@ -20,7 +20,7 @@ from vmq_cli._options import backend_option, check_device, device_option, load_m
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
 def command(path, model_name, checkpoint, data, batch_size, limit, workers, device, backend, as_json):
-    """Evaluate a Vim model or a packed file from `vmq quantize`.
+    """Evaluate a model or a packed file from `vmq quantize` / `vmq vq`.
 
     PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
     --checkpoint). With no arguments: the shipped reference model on the shipped test subset.
@@ -28,17 +28,14 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     from vmq_cli import _console as console
 
     check_device(device)
-    import torch
-
+    from vmq.compress.api import load_model
     from vmq.data import eval_loader
-    from vmq.evaluate import evaluate, param_count
-
     from vmq.errors import UsageError
+    from vmq.evaluate import evaluate, param_count
+    from vmq.ops.backend import use_backend
     from vmq.pack.format import is_packed, load_packed
-
     from vmq.runtime import retain_freed_memory
 
-    torch.set_grad_enabled(False)
     retain_freed_memory()
     packed_meta = None
     if path is not None and checkpoint is not None:
@@ -50,12 +47,10 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
         model, packed_meta = load_packed(checkpoint)
     else:
         model = load_model(model_name, checkpoint)
-    from vmq.ops.backend import set_backend
-
-    set_backend(model, backend)
+    model.to(device)
     loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
-    with console.progress("evaluating", len(loader.dataset)) as update:
-        metrics = evaluate(model, loader, device=device, on_batch=update)
+    with console.progress("evaluating", len(loader.dataset)) as update, use_backend(backend):
+        metrics = evaluate(model, loader, on_batch=update)
     result = {
         "model": model.vmq_name,
         **{k: metrics[k] for k in ("top1", "top1_err", "top5", "top5_err")},

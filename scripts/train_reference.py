@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmq.models.reference import CIFAR10_MEAN, CIFAR10_STD, REFERENCE_CONFIG  # noqa: E402
-from vmq.models.vim import VisionMamba  # noqa: E402
-from vmq.ops.scan_train import selective_scan_fused_cpu  # noqa: E402
+from vmq.models.reference import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from vmq.models.vim import REFERENCE_CONFIG, VisionMamba  # noqa: E402
 
 
 def decode_cifar(data_dir: Path, cache: Path):
@@ -106,7 +105,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = VisionMamba(REFERENCE_CONFIG)
     for layer in model.layers:
-        layer.mixer.scan_fn = selective_scan_fused_cpu
+        layer.mixer.scan = "train"  # the differentiable scan of vmq.ops (the fused C++ one on CPU)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name in model.no_weight_decay() or name.endswith(("A_log", "A_b_log")) else decay).append(p)

@@ -8,12 +8,13 @@ import torch
 
 import vmq.models  # noqa: F401
 from tests.conftest import run_vmq
-from vmq.bench import BenchModel, _group, float_twin, parse_batches, run_bench
+from vmq.bench import BenchModel, float_twin, parse_batches, run_bench
 from vmq.calib import collect_stats
+from vmq.compress import compress_model, method_for
 from vmq.errors import VmqError
+from vmq.layers import QuantizedLinear
+from vmq.models import family_of
 from vmq.pack.format import save_packed
-from vmq.quant.ptq import quantize_model
-from vmq.quant.qlinear import QuantizedLinear
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import parse_recipe
 
@@ -30,7 +31,7 @@ def quantized():
     import copy
 
     q = copy.deepcopy(model)
-    quantize_model(q, r.quantization, images, stats, batch_size=8)
+    compress_model(q, method_for("quantization", r.quantization), images, stats, batch_size=8, seed=0)
     q.vmq_name = "test_vim"
     return model, q, r
 
@@ -71,6 +72,7 @@ def test_run_bench_reports_every_model_and_batch(quantized):
         assert q_row["speedup"] == pytest.approx(row["models"]["fp32"]["latency_ms"] / q_row["latency_ms"], rel=1e-2)
     assert res["models"]["W8A8"]["weight_mb"] < res["models"]["fp32"]["weight_mb"]
     parts = res["layers"]["3"]["W8A8"]
+    assert set(parts) == set(LAYER_GROUPS) | {"total", "rest (embeddings, residuals, hooks)"}
     assert parts["in_proj"] > 0 and parts["x_proj"] > 0 and parts["mixer other (conv, scan, gates)"] > 0
     assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], rel=0.05, abs=0.05)
     assert any("repeat 2/2" in s for s in steps)
@@ -78,10 +80,19 @@ def test_run_bench_reports_every_model_and_batch(quantized):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in q.modules())
 
 
+LAYER_GROUPS = ("patch_embed", "in_proj", "x_proj", "dt_proj", "out_proj", "mixer other (conv, scan, gates)",
+                "norms", "head")
+
+
 def test_layer_groups():
+    family = family_of(timm.create_model("test_vim"))
+    _group = family.bench_group
     assert _group("layers.3.mixer.x_proj_b") == "x_proj" and _group("layers.0.mixer") == "mixer"
     assert _group("layers.1.norm") == "norms" and _group("norm_f") == "norms" and _group("head") == "head"
     assert _group("layers.0.mixer.conv1d") is None and _group("layers.0") is None
+    assert family.bench_groups.order == LAYER_GROUPS
+    label, inner = family.bench_groups.remainders["mixer"]
+    assert label == "mixer other (conv, scan, gates)" and set(inner) == {"in_proj", "x_proj", "dt_proj", "out_proj"}
 
 
 def test_bad_arguments():

@@ -83,6 +83,25 @@ def test_errors(tmp_path, fixtures_dir):
         _one_line_error(run_vmq("eval", "--checkpoint", micro, "--device", "cuda"), match="no CUDA device")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+@pytest.mark.parametrize("command", ["quantize", "vq", "calibrate"])
+def test_device_cuda_without_cuda(tmp_path, command, device):
+    out = tmp_path / "out.safetensors"
+    r = run_vmq(command, "--device", device, "--out", out)
+    _one_line_error(r, code=1, match=f"error: --device {device}: no CUDA device is available")
+    assert list(tmp_path.iterdir()) == []  # no output, no recipe, no temporary file
+
+
+@pytest.mark.parametrize("command", ["quantize", "vq", "calibrate"])
+def test_device_that_is_no_device(tmp_path, command):
+    r = run_vmq(command, "--device", "gpu", "--out", tmp_path / "out.safetensors")
+    assert r.returncode in (1, 2), r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "gpu" in lines[0] and "internal error" not in lines[0], r.stderr
+    assert r.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_usage_errors_exit_2():
     _one_line_error(run_vmq("eval", "--batch-size", "0"), code=2, match="batch-size")
     _one_line_error(run_vmq("eval", "--no-such-option"), code=2, match="no-such-option")

@@ -31,6 +31,7 @@ def stats(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["model"] == "vim_ref_cifar10" and summary["num_images"] == 32 and summary["layers"] == 6 * 6
+    assert summary["tokens"] == [65]  # the distinct token counts of the layers: 8x8 patches and the cls token
     return out
 
 
@@ -77,6 +78,9 @@ def test_quantize_human_table(stats, tmp_path):
                    "--out", tmp_path / "w8.safetensors")
     assert proc.returncode == 0, proc.stderr
     assert "SNR dB" in proc.stdout and "top-1 quantized" in proc.stdout and "folded: norm" in proc.stdout
+    # block and layer columns: "layers.0" and "mixer.in_proj", whole when piped (80 columns)
+    assert "│ layers.0 │ mixer.in_proj " in proc.stdout and "│ layers.5 │ mixer.dt_proj_b " in proc.stdout
+    assert "folded: mixer.x_proj_b" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -88,6 +92,8 @@ def test_quantize_human_table(stats, tmp_path):
     (["quantization.targets=[layers.0.mixer.conv1d]"], "not a linear layer"),
     (["calibration.num_images=100000"], "holds only 512"),
     (["model.name=vim_small"], "needs --checkpoint"),
+    (["quantization.method=ptq4vn"], "unknown method 'ptq4vn'"),
+    (["device=gpu"], "device must be cpu, cuda or cuda:N"),
 ])
 def test_bad_recipes_fail_in_one_line_without_output(tmp_path, sets, msg):
     out = tmp_path / "x.safetensors"

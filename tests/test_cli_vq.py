@@ -57,7 +57,7 @@ def test_vq_human_table_and_kmeans_baseline(stats, tmp_path):
                    "--out", tmp_path / "km.safetensors")
     assert proc.returncode == 0, proc.stderr
     assert "b/w+cb" in proc.stdout and "top-1 quantized" in proc.stdout and "kmeans" in proc.stdout
-    assert "│ dt_proj_b │" in proc.stdout  # the per-layer table fits 80 columns when piped
+    assert "│ layers.0 │ mixer.dt_proj_b │" in proc.stdout  # the per-layer table fits 80 columns when piped
 
 
 def test_vq_with_static_8bit_activations(stats, tmp_path):
@@ -78,6 +78,9 @@ def test_vq_with_static_8bit_activations(stats, tmp_path):
     (["vq.targets=[]"], "at least 1 item"),
     (["vq.kmean.iterations=3"], "did you mean 'vq.kmeans"),
     (["vq.input_activations={num_bits: 8, strategy: token_dynamic}"], "static activations"),
+    (["vq.search.iterations=5"], "must be at least the number of confirmation stages plus one (6)"),
+    (["vq.method=vimvg"], "unknown method 'vimvg'"),
+    (["device=cuda:x"], "device must be cpu, cuda or cuda:N"),
 ])
 def test_bad_vq_recipes_fail_in_one_line_without_output(tmp_path, sets, msg):
     out = tmp_path / "x.safetensors"

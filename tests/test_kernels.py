@@ -12,13 +12,14 @@ import torch.nn.functional as F
 import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
 from vmq.ops import _library
-from vmq.ops.backend import set_backend, use_native
+from vmq.ops.backend import use_backend, use_native
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
 from vmq.ops.linear import (int8_linear, int8_linear_from_float, int8_linear_from_float_ref, int8_linear_ref,
                             pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref)
 from vmq.ops.norm import rms_norm, rms_norm_ref
-from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
-from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
+from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref, range_to_qparams
+from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
+from vmq.pack.bits import pack_signed
 
 native = pytest.mark.skipif(_library.NATIVE is None, reason=f"vmq._C is {_library.NATIVE_ERROR}")
 
@@ -37,13 +38,19 @@ def _scan_inputs(b, d, l, n, seed=0, token_major=False):
     return out + [act()]
 
 
+def _scan_twin(args, delta_softplus, divide_out=True, u_scale=None, delta_scale=None, u_b_scale=None,
+               delta_b_scale=None):
+    """bidirectional_scan_ref on the 13 tensors of _scan_inputs (the schema's argument order)."""
+    return bidirectional_scan_ref(*args, u_scale, delta_scale, u_b_scale, delta_b_scale, delta_softplus, divide_out)
+
+
 @native
 @pytest.mark.parametrize("shape", [(2, 19, 13, 16), (2, 16, 7, 5), (1, 8, 1, 16), (3, 40, 30, 16)])
 @pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("divide_out", [True, False])
 def test_bidirectional_scan_matches_twin(shape, token_major, divide_out):
     args = _scan_inputs(*shape, token_major=token_major)
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, divide_out=divide_out)
+    ref = _scan_twin(args, True, divide_out)
     out = bidirectional_scan(*args, delta_softplus=True, divide_out=divide_out, backend="cpu")
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
@@ -55,7 +62,7 @@ def test_bidirectional_scan_without_gate_skip_or_softplus():
     args[5] = args[11] = args[12] = None  # D, D_b, z
     args[1] = args[1].abs()
     args[7] = args[7].abs()  # delta already positive
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=False)
+    ref = _scan_twin(args, False)
     torch.testing.assert_close(bidirectional_scan(*args, backend="cpu"), ref, rtol=2e-5, atol=2e-5)
 
 
@@ -68,7 +75,7 @@ def test_bidirectional_scan_int8_inputs_match_dequantized_twin():
     for i, key in ((0, "u_scale"), (1, "delta_scale"), (6, "u_b_scale"), (7, "delta_b_scale")):
         args[i] = torch.randint(-127, 128, (b, d, l), dtype=torch.int8, generator=g)
         scales[key] = torch.rand(l, generator=g) * 0.02 + 0.001
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, **scales)
+    ref = _scan_twin(args, True, **scales)
     out = bidirectional_scan(*args, delta_softplus=True, backend="cpu", **scales)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="per-token scale"):
@@ -82,7 +89,7 @@ def test_scan_kernel_extreme_inputs_stay_finite():
     args[7] = torch.full_like(args[7], -60.0)  # and tiny ones: exp(-60)
     args[12] = torch.full_like(args[12], -200.0)  # silu of a very negative gate
     out = bidirectional_scan(*args, delta_softplus=True, backend="cpu")
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True)
+    ref = _scan_twin(args, True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -92,7 +99,7 @@ def test_scan_kernel_propagates_nan_like_twin():
     args = _scan_inputs(2, 20, 9, 16, seed=6)
     args[1][0, 3, 2] = float("nan")  # through softplus, the decay and the state
     out = bidirectional_scan(*args, delta_softplus=True, backend="cpu")
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True)
+    ref = _scan_twin(args, True)
     assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
 
@@ -158,6 +165,17 @@ def test_quantize_per_token_is_bit_identical_to_twin():
         quantize_per_token(x, scale, big + 1, 8, backend="cpu")
 
 
+def test_range_to_qparams_is_the_quantizers_arithmetic():
+    from vmq.quant import quantizers
+
+    g = torch.Generator().manual_seed(8)
+    lo, hi = torch.randn(3, 17, generator=g) * 4, torch.randn(3, 17, generator=g) * 4
+    lo[0, :3], hi[0, :3] = 0.0, 0.0  # empty range: scale eps
+    for bits in (8, 4, 2):
+        for got, want in zip(range_to_qparams(lo, hi, bits), quantizers.range_to_qparams(lo, hi, bits)):
+            assert torch.equal(got, want)
+
+
 @native
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (2, 9, 6, 192), (1, 7, 33, 17),
                                    (2, 3, 0, 4)])
@@ -208,6 +226,18 @@ def test_w4a8_linear_is_bit_identical_to_twin(shape):
     assert torch.equal(out, w4a8_linear_ref(x_q, xs, zp, packed, ws, bias, os_, oz, 8))
     with pytest.raises(ValueError, match="K even"):
         pack_int4(w4[:, :1] if w4.shape[1] > 1 else torch.zeros(2, 3, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (5, 6), (38, 96), (3, 0)])
+def test_pack_int4_bytes_are_those_of_pack_bits(shape):
+    """Value k of a row in byte k // 2, low nibble first, 4-bit two's complement: vmq.pack.bits' format."""
+    w = torch.randint(-8, 8, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(shape[0]))
+    packed = pack_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], shape[1] // 2) and packed.is_contiguous()
+    assert torch.equal(packed.reshape(-1), pack_signed(w, 4))
+    assert torch.equal(unpack_int4_ref(packed), w)
+    with pytest.raises(ValueError, match="4-bit range"):
+        pack_int4(torch.full((1, 2), 8, dtype=torch.int8))
 
 
 def _vq_inputs(tokens, k, n, d, size, rows_per_group, scale=True, seed=0):
@@ -353,14 +383,14 @@ def test_model_forward_same_on_every_cpu_backend():
     torch.manual_seed(0)
     model = timm.create_model("test_vim").eval()
     x = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
+    out = {}
     with torch.no_grad():
-        ref = set_backend(model, "ref")(x)
-        fused = set_backend(model, "cpu")(x)
-        auto = set_backend(model, "auto")(x)
-    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(auto, fused)
+        for b in ("ref", "cpu", "auto"):
+            with use_backend(b):
+                out[b] = model(x)
+    torch.testing.assert_close(out["cpu"], out["ref"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(out["auto"], out["cpu"])
     # with gradients the model falls back to the differentiable reference under "auto"
-    out = set_backend(model, "auto")(x)
-    assert out.requires_grad
-    with pytest.raises(VmqError, match="without gradients"):
-        set_backend(model, "cpu")(x)
+    assert model(x).requires_grad
+    with use_backend("cpu"), pytest.raises(VmqError, match="without gradients"):
+        model(x)

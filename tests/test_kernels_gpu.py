@@ -11,13 +11,15 @@ import timm
 import torch
 
 import vmq.models  # noqa: F401
-from tests.test_kernels import _linear_inputs, _scan_inputs, _vq_inputs
+from tests.test_kernels import _conv_inputs, _linear_inputs, _scan_inputs, _vq_inputs
 from vmq.ops import _library
-from vmq.ops.backend import set_backend
-from vmq.ops.kmeans import assign, assign_ref
+from vmq.ops.backend import use_backend
+from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
+from vmq.ops.kmeans import assign, assign_ref, update_centroids, update_centroids_ref
 from vmq.ops.linear import int8_linear, int8_linear_ref, pack_int4, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref
+from vmq.ops.norm import rms_norm, rms_norm_ref
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
-from vmq.ops.scan import bidirectional_scan, bidirectional_scan_quantized_ref
+from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(_library.NATIVE is None or not getattr(_library.NATIVE, "cuda_built", False),
@@ -78,7 +80,7 @@ def test_quantize_per_token_cuda_is_bit_identical():
 @pytest.mark.parametrize("token_major", [False, True])
 def test_bidirectional_scan_cuda_matches_twin(shape, token_major):
     args = _scan_inputs(*shape, token_major=token_major)
-    ref = bidirectional_scan_quantized_ref(*args, delta_softplus=True, divide_out=True)
+    ref = bidirectional_scan_ref(*args, None, None, None, None, True, True)
     out = bidirectional_scan(*cuda(args), delta_softplus=True, divide_out=True, backend="cuda")
     assert out.stride(1) == 1  # token-major storage
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
@@ -92,11 +94,11 @@ def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
     s = [torch.rand(l, generator=g) * 0.02 + 1e-3 for _ in range(4)]
     qargs = list(args)
     qargs[0], qargs[1], qargs[6], qargs[7] = q
-    ref = bidirectional_scan_quantized_ref(*qargs, True, True, *s)
+    ref = bidirectional_scan_ref(*qargs, *s, True, True)
     out = bidirectional_scan(*cuda(qargs), True, True, *cuda(s), backend="cuda")
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
     half = [t.half() if t is not None and i in (0, 1, 3, 4, 6, 7, 9, 10, 12) else t for i, t in enumerate(args)]
-    ref = bidirectional_scan_quantized_ref(*[t.float() if t is not None else t for t in half], True, True)
+    ref = bidirectional_scan_ref(*[t.float() if t is not None else t for t in half], *[None] * 4, True, True)
     out = bidirectional_scan(*cuda(half), True, True, backend="cuda")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
 
@@ -135,11 +137,29 @@ def test_opcheck_cuda():
         torch.library.opcheck(getattr(torch.ops.vmq, name.replace("_requant", "")), tuple(cuda(cases[name])))
 
 
+def test_ops_without_cuda_kernel_run_their_twin_on_cuda():
+    """CAPABILITIES "fallback" on CUDA: backend "cuda" runs the twin; torch.ops.vmq runs the default twin."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 24, generator=g), torch.randn(24, generator=g)
+    out = rms_norm(*cuda((x, w)), 1e-5, backend="cuda")
+    assert out.is_cuda and torch.equal(out, rms_norm_ref(*cuda((x, w)), 1e-5))
+    assert torch.equal(torch.ops.vmq.rms_norm(*cuda((x, w)), 1e-5), out)
+    conv = _conv_inputs(2, 12, 5, 4)
+    for got, want in zip(bidirectional_conv1d_silu(*cuda(conv), backend="cuda"), bidirectional_conv1d_silu_ref(*conv)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    pts, c = torch.randn(50, 3, generator=g), torch.randn(6, 3, generator=g)
+    codes = torch.randint(0, 6, (50,), generator=g)
+    new = update_centroids(*cuda((pts, codes, c)), backend="cuda")
+    torch.testing.assert_close(new.cpu(), update_centroids_ref(pts, codes, c))
+
+
 def test_model_forward_cuda_matches_cpu():
     torch.manual_seed(0)
     model = timm.create_model("test_vim").eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ref = set_backend(model, "ref")(x)
-        out = set_backend(model.cuda(), "cuda")(x.cuda())
+        with use_backend("ref"):
+            ref = model(x)
+        with use_backend("cuda"):
+            out = model.cuda()(x.cuda())
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
-from vmq.models import create_model, fitting_models, load_checkpoint, read_state_dict
-from vmq.models.registry import ALIASES, ARCHS
+from vmq.models import create_model, family_for, family_of, fitting_models, load_checkpoint, read_state_dict
+from vmq.models.registry import ALIASES, MODELS
 
 OFFICIAL_PARAMS_M = {"vim_tiny": 7, "vim_small": 26, "vim_base": 98}  # the Vim paper's Table 1
 
@@ -26,15 +26,15 @@ def test_official_sizes(alias, millions):
 
 
 def test_every_name_is_registered_and_builds():
-    for name in list(ARCHS) + list(ALIASES):
+    for name in list(MODELS) + list(ALIASES):
         assert name in timm.list_models(name)
         with torch.device("meta"):
             timm.create_model(name, num_classes=7)
 
 
 def test_stride8_twins_have_more_tokens():
-    tiny = ARCHS[ALIASES["vim_tiny"]]
-    s8 = ARCHS[ALIASES["vim_tiny_stride8"]]
+    tiny = MODELS[ALIASES["vim_tiny"]].config
+    s8 = MODELS[ALIASES["vim_tiny_stride8"]].config
     assert tiny.num_tokens == 197 and s8.num_tokens == 27 * 27 + 1
 
 
@@ -80,7 +80,7 @@ def test_key_mismatch_names_fitting_model(fixtures_dir):
     path = fixtures_dir / "vim_micro" / "state_dict.safetensors"
     model = timm.create_model("test_vim_stride")
     with pytest.raises(VmqError) as e:
-        load_checkpoint(model, path, model_name="test_vim_stride")
+        load_checkpoint(model, path, family_for("test_vim_stride"), model_name="test_vim_stride")
     msg = str(e.value)
     assert "does not fit test_vim_stride" in msg and "it fits test_vim" in msg and "\n" not in msg
 
@@ -88,9 +88,45 @@ def test_key_mismatch_names_fitting_model(fixtures_dir):
 def test_foreign_architecture(tmp_path):
     path = tmp_path / "resnet.safetensors"
     save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(path))
-    with pytest.raises(VmqError, match="no registered Vim model fits"):
-        load_checkpoint(timm.create_model("test_vim"), path)
+    model = timm.create_model("test_vim")
+    with pytest.raises(VmqError, match="no registered model fits"):
+        load_checkpoint(model, path, family_of(model))
     assert fitting_models(read_state_dict(path)) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "official.pth", "plain.pth"])
+def test_timm_pretrained_from_a_local_file(tmp_path, fixtures_dir, fmt):
+    """timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) loads a local file."""
+    src = fixtures_dir / "vim_micro" / "state_dict.safetensors"
+    sd = read_state_dict(src)
+    if fmt == "safetensors":
+        path = src
+    else:
+        path = tmp_path / fmt
+        torch.save({"model": {f"module.{k}": v for k, v in sd.items()}} if fmt == "official.pth" else sd, path)
+    model = timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.vmq_name == "test_vim" and model.pretrained_cfg["file"] == str(path)
+    got = model.state_dict()
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), create_model("test_vim", src)(x))
+
+
+def test_timm_pretrained_from_a_wrong_file(tmp_path, fixtures_dir):
+    micro = fixtures_dir / "vim_micro" / "state_dict.safetensors"
+    with pytest.raises(VmqError) as e:
+        timm.create_model("test_vim_stride", pretrained=True, pretrained_cfg_overlay=dict(file=str(micro)))
+    msg = str(e.value)
+    assert "does not fit test_vim_stride" in msg and "it fits test_vim" in msg and "\n" not in msg
+    with pytest.raises(VmqError, match="checkpoint not found"):
+        timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.pth")))
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, evil)
+    with pytest.raises(VmqError, match="never runs pickled code"):
+        timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
 
 
 def test_bad_files(tmp_path, fixtures_dir):

@@ -7,15 +7,27 @@ import timm
 import torch
 
 import vmq.models  # noqa: F401
-from vmq.calib import CalibStats, LinearObserver, collect_stats, embed_inputs, run_block
+from vmq.calib import CalibStats, LinearObserver, collect_stats
+from vmq.compress import compress_model, method_for
+from vmq.compress.methods.uniform import LayerReport
 from vmq.errors import VmqError
+from vmq.layers import KINDS, QuantizedLinear
+from vmq.models import family_of
+from vmq.modules import set_module
 from vmq.pack.format import load_packed, read_metadata, save_packed
-from vmq.quant.ptq import quantize_model, resolve_targets, set_module
-from vmq.quant.qlinear import QuantizedLinear
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import parse_recipe
 
 LAYERS = ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"]
+
+
+def resolve_targets(model, stage):
+    return method_for("quantization", stage).targets(model, family_of(model))
+
+
+def quantize_model(model, stage, images, stats, batch_size=8, seed=0, method=None):
+    return compress_model(model, method or method_for("quantization", stage), images, stats, batch_size=batch_size,
+                          seed=seed)
 
 
 def recipe(**quant):
@@ -43,9 +55,7 @@ def test_recipe_presets_and_bad_settings():
         ({"scheme": {"input_activations": {"num_bits": 1}}}, "num_bits"),
         ({"targets": []}, "at least 1 item"),
         ({"scheme": "W3A5"}, "unknown scheme preset"),
-        ({"method": "gptq"}, "method"),
         ({"targets": ["re:("]}, "bad regular expression"),
-        ({"method": "pts", "scheme": "W4A16"}, "needs scheme.input_activations"),
         ({"smoothing": {"alpha": 2}}, "alpha"),
         ({"jlss": {"iterations": 0}}, "iterations"),
         ({"jlss": {"loss": "l1"}}, "loss"),
@@ -55,6 +65,11 @@ def test_recipe_presets_and_bad_settings():
     for quant, msg in bad:
         with pytest.raises(VmqError, match=msg):
             parse_recipe({"quantization": quant}, QuantRecipe)
+    # the method is checked against its stage by method_for (the registry), not at parse time
+    for quant, msg in (({"method": "gptq"}, "unknown method"),
+                       ({"method": "pts", "scheme": "W4A16"}, "needs scheme.input_activations")):
+        with pytest.raises(VmqError, match=msg):
+            method_for("quantization", parse_recipe({"quantization": quant}, QuantRecipe).quantization)
 
 
 def test_targets_and_ignore(tiny):
@@ -76,9 +91,12 @@ def test_targets_and_ignore(tiny):
 
 def test_stats_ranges_are_exact_after_smoothing(tiny):
     model, images, stats = tiny
-    io = embed_inputs(model, images)
-    with LinearObserver(model.layers[0], ["mixer.out_proj"], keep_samples=16) as obs:
-        run_block(model.layers[0], io)
+    fam = family_of(model)
+    prefix, block = fam.blocks(model)[0]
+    assert prefix == "layers.0." and block is model.layers[0]
+    io = fam.embed_batched(model, images, 32)
+    with LinearObserver(block, ["mixer.out_proj"], keep_samples=16) as obs:
+        fam.run_batched(block, io, 32)
     x = obs.stats["mixer.out_proj"].sample_tensor()
     st = stats.layers["layers.0.mixer.out_proj"]
     s = torch.rand(x.shape[-1]) + 0.5
@@ -138,11 +156,20 @@ def test_quantize_fake_and_integer_logits_agree(tiny, method, scheme):
     r = recipe(method=method, scheme=scheme)
     qmodel = copy.deepcopy(model)
     fake = {}
+    engine_method = method_for("quantization", r.quantization)
+    finish = engine_method.finish
+
+    def keep_fake_layers(job, layers, frozen, info):  # copies of the fake-quant layers as frozen, before folding
+        fake.update({job.prefix + name: copy.deepcopy(q) for name, q in layers.items()})
+        finish(job, layers, frozen, info)
+
+    engine_method.finish = keep_fake_layers
     torch.manual_seed(0)
     with torch.enable_grad():
-        reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8, fake_layers=fake)
+        reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8, method=engine_method)
     targets = resolve_targets(model, r.quantization)
-    assert [rep.name for rep in reports] == targets
+    assert [rep.name for rep in reports] == targets and sorted(fake) == sorted(targets)
+    assert all(isinstance(rep, LayerReport) for rep in reports)
     assert all(isinstance(qmodel.get_submodule(n), QuantizedLinear) for n in targets)
     fake_model = copy.deepcopy(model)
     for name, layer in fake.items():
@@ -191,7 +218,10 @@ def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
     assert meta["model"]["name"] == "test_vim" and meta["model"]["config"] == model.cfg.to_dict()
+    assert meta["model"]["family"] == "vim"
     assert meta["recipe"]["quantization"]["method"] == "ptq4vm"
+    assert KINDS["int"] is QuantizedLinear
+    assert isinstance(loaded.get_submodule("layers.0.mixer.in_proj"), QuantizedLinear)
     assert meta["layers"]["layers.0.mixer.in_proj"] == {"kind": "int", "w_bits": 4, "w_strategy": "channel",
                                                         "a_bits": 8, "a_strategy": "token_static"}
     from safetensors import safe_open

@@ -86,3 +86,17 @@ def test_dump_roundtrip(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(dump_recipe(r))
     assert load_recipe(p, QRecipe) == r
+
+
+def test_device_key():
+    assert parse_recipe({}, QRecipe).device == "cpu"
+    for ok in ("cpu", "cuda", "cuda:0", "cuda:3"):
+        assert parse_recipe({"device": ok}, QRecipe).device == ok
+        assert load_recipe(None, QRecipe, [f"device={ok}"]).device == ok
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU", "cpu:0", "mps", ""):
+        with pytest.raises(VmqError, match="recipe key 'device': .*device must be cpu, cuda or cuda:N"):
+            parse_recipe({"device": bad}, QRecipe)
+    with pytest.raises(VmqError, match="did you mean 'device'"):
+        parse_recipe({"devise": "cpu"}, QRecipe)
+    r = parse_recipe({"device": "cuda:1"}, QRecipe)
+    assert "device: cuda:1" in dump_recipe(r).splitlines()

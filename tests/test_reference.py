@@ -12,7 +12,8 @@ from tests.conftest import SHARED
 from vmq.data import eval_loader
 from vmq.evaluate import evaluate
 from vmq.models import create_model
-from vmq.models.registry import REFERENCE_WEIGHTS, reference_weights_path
+from vmq.models.reference import REFERENCE_MODEL, REFERENCE_WEIGHTS
+from vmq.models.registry import shipped_weights
 
 
 
@@ -24,7 +25,8 @@ def card():
 
 
 def test_weights_are_shipped_and_small():
-    path = reference_weights_path()
+    path = shipped_weights("vim_ref_cifar10")
+    assert REFERENCE_MODEL == "vim_ref_cifar10"
     assert path.is_file() and path.name == REFERENCE_WEIGHTS
     assert path.stat().st_size <= 10 * 2**20
     eval_set = resources.files("vmq.assets") / "cifar10_test_lossless.npz"

@@ -1,12 +1,15 @@
-"""The selective scan reference, and the fused training scan held to it."""
-
-import shutil
+"""The selective scan reference, the fused training scan held to it, and the one-direction scan choice."""
 
 import numpy as np
 import pytest
 import torch
 
-from vmq.ops.scan import selective_scan_ref
+from vmq.errors import VmqError
+from vmq.ops import _library
+from vmq.ops.scan import mamba_ssm_available, one_direction_scan, selective_scan_ref, two_direction_scan
+from vmq.ops.scan_train import (scan_train_bwd_ref, scan_train_fwd_ref, selective_scan_fused_cpu, training_scan)
+
+native = pytest.mark.skipif(_library.NATIVE is None, reason=f"vmq._C is {_library.NATIVE_ERROR}")
 
 
 def _inputs(b=2, e=3, l=6, n=4, seed=0, dtype=torch.float64):
@@ -58,12 +61,9 @@ def test_ref_rejects_bad_shapes():
         selective_scan_ref(u, delta, A, B[:, :2], C)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+@native
 @pytest.mark.parametrize("n", [4, 16])
 def test_fused_training_scan_matches_ref(n):
-    pytest.importorskip("ninja")
-    from vmq.ops.scan_train import selective_scan_fused_cpu
-
     args = [a.float().requires_grad_() for a in _inputs(b=3, e=5, l=9, n=n, seed=1)]
     y_ref = selective_scan_ref(*args, delta_softplus=True)
     y = selective_scan_fused_cpu(*args, delta_softplus=True)
@@ -75,10 +75,57 @@ def test_fused_training_scan_matches_ref(n):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
+def _train_inputs(b=3, e=5, l=9, n=4, seed=2):
+    """scan_train_* arguments: delta already positive, B and C token-major (batch, seqlen, d_state)."""
+    u, delta, A, B, C, _, _ = (a.float() for a in _inputs(b, e, l, n, seed))
+    return u, delta.abs(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+
+
+def test_scan_train_bwd_ref_is_the_autograd_of_the_fwd_twin():
+    args = _train_inputs(n=6)
+    inputs = [a.clone().requires_grad_() for a in args]
+    y = scan_train_fwd_ref(*inputs)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    for name, want, got in zip("u delta A B C".split(), torch.autograd.grad(y, inputs, gy),
+                                scan_train_bwd_ref(*args, gy)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@native
+@pytest.mark.parametrize("n", [4, 16])
+def test_scan_train_kernels_match_twins(n):
+    args = _train_inputs(n=n)
+    y = torch.ops.vmq.scan_train_fwd(*args)
+    torch.testing.assert_close(y, scan_train_fwd_ref(*args), atol=1e-5, rtol=1e-5)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    for name, got, want in zip("u delta A B C".split(), torch.ops.vmq.scan_train_bwd(*args, gy),
+                                scan_train_bwd_ref(*args, gy)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_training_scan_per_device():
+    fused = _library.has_kernel("scan_train_fwd", "cpu")
+    assert training_scan() is training_scan("cpu") is training_scan(torch.device("cpu"))
+    assert training_scan("cpu") is (selective_scan_fused_cpu if fused else selective_scan_ref)
+    assert training_scan("cuda") is selective_scan_ref  # no CUDA training kernel yet
+
+
+def test_one_direction_scan_by_name():
+    assert one_direction_scan("reference", "cpu") is selective_scan_ref
+    assert one_direction_scan("train", "cpu") is training_scan("cpu")
+    assert one_direction_scan("train", "cuda") is selective_scan_ref
+    if mamba_ssm_available():
+        assert callable(one_direction_scan("mamba_ssm", "cuda"))
+    else:
+        with pytest.raises(VmqError, match="mamba-ssm"):
+            one_direction_scan("mamba_ssm", "cuda")
+    with pytest.raises(ValueError, match="reference, train, mamba_ssm"):
+        one_direction_scan("fused", "cpu")
+
+
 def test_bidirectional_matches_official_composition():
     """out = (gate(scan_f) + flip(gate(scan_b on flipped inputs))) / 2, as the official mixer does."""
-    from vmq.ops.scan import bidirectional_scan_ref
-
     f = [a.float() for a in _inputs(seed=3)]
     b = [a.float() for a in _inputs(seed=4)]
     u, delta, A, B, C, D, z = f
@@ -86,8 +133,8 @@ def test_bidirectional_matches_official_composition():
     y_f = selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus=True)
     y_b = selective_scan_ref(u_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, z.flip(-1),
                              delta_softplus=True).flip(-1)
-    got = bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_softplus=True)
+    got = two_direction_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_softplus=True)
     torch.testing.assert_close(got, (y_f + y_b) / 2)
-    nodiv = bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_softplus=True,
-                                   divide_out=False)
+    nodiv = two_direction_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_softplus=True,
+                               divide_out=False)
     torch.testing.assert_close(nodiv, y_f + y_b)

@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from vmq.errors import VmqError
-from vmq.ops.kmeans import (assign, assign_ref, fused_available, kmeans, nearest_k, update_centroids,
-                            update_centroids_ref)
+from vmq.ops.kmeans import assign, assign_ref, fused_available, kmeans, kmeans_update_ref, nearest_k, update_centroids
 from vmq.ops.linear import vq_dequantize_ref, vq_linear_ref
 from vmq.pack.bits import pack_unsigned, packed_nbytes, unpack_unsigned
 from vmq.vq.codebook import Layout, importance, init_codebook
 from vmq.vq.convex import ConvexVQLinear
 from vmq.vq.incremental import confirm, stage_lengths
-from vmq.vq.qlinear import VQLinear
+from vmq.layers import VQLinear
 from vmq.vq.recipe import Codebook, VQStage
 
 
@@ -90,7 +89,7 @@ def test_fused_kmeans_kernels_match_their_reference(d, weighted):
         assert (chosen - best <= 1e-5 * (1 + best)).all()  # nearest up to fp32 rounding
         assert (codes == exact.argmin(1)).float().mean() > 0.98
         assert torch.allclose(dist.double(), best, atol=1e-4, rtol=1e-4)
-        ref = update_centroids_ref(x.double(), codes, c.double(), None if w is None else w.double())
+        ref = kmeans_update_ref(x.double(), None if w is None else w.double(), codes, c.double())
         assert torch.allclose(update_centroids(x, codes, c, w, backend="cpu").double(), ref, atol=1e-5)
 
 
@@ -131,7 +130,7 @@ def test_fused_kmeans_takes_what_the_reference_takes():
     assert torch.equal(codes, assign(x.contiguous(), c, w.expand(40, 8).contiguous(), backend="cpu"))
     assert torch.equal(codes, assign_ref(x.double(), c.double(), w.double()))
     new = update_centroids(x, codes.to(torch.int32), c, w, backend="cpu")
-    assert torch.allclose(new.double(), update_centroids_ref(x.double(), codes, c.double(), w.double()), atol=1e-6)
+    assert torch.allclose(new.double(), kmeans_update_ref(x.double(), w.double(), codes, c.double()), atol=1e-6)
     empty = torch.empty(0, 8)
     assert assign(empty, c, backend="cpu").shape == (0,)
     assert torch.equal(update_centroids(empty, torch.empty(0, dtype=torch.int64), c, backend="cpu"), c)
@@ -156,8 +155,8 @@ def test_layout_split_merge_pads_the_input_dimension():
     v = lay.split(w)
     assert v.shape == (18, 4) and torch.equal(v[2, 2:], torch.zeros(2)) and torch.equal(v[0], w[0, :4])
     assert torch.equal(lay.merge(v), w)
-    assert lay.group_of().tolist() == [0] * 12 + [1] * 6
-    imp = importance(lay, torch.arange(1.0, 11.0), None)
+    assert lay.group_of(torch.device("cpu")).tolist() == [0] * 12 + [1] * 6
+    imp = importance(lay, torch.arange(1.0, 11.0), None, torch.device("cpu"))
     assert torch.equal(imp[2, 2:], torch.zeros(2)) and imp[0, 0] < imp[1, 0]
 
 
@@ -243,6 +242,31 @@ def test_recipe_rejects_impossible_settings():
             load_recipe(None, VQRecipe, sets)
     r = load_recipe(None, VQRecipe, ["vq.codebook.dim=4", "vq.codebook.size=256"])
     assert r.vq.codebook.bits_per_weight == 2.0
+    # what the method checks of its recipe block
+    from vmq.compress import method_for
+
+    for sets, msg in ((["vq.search.iterations=5"], r"search.iterations \(5\) must be at least the number of "
+                                                  r"confirmation stages plus one \(6\)"),
+                      (["vq.search.iterations=2", "vq.confirm.schedule=[0.5, 1.0]"], "plus one \\(3\\)"),
+                      (["vq.method=kmeanz"], "unknown method 'kmeanz'")):
+        with pytest.raises(VmqError, match=msg):
+            method_for("vq", load_recipe(None, VQRecipe, sets).vq)
+    method_for("vq", load_recipe(None, VQRecipe, ["vq.search.iterations=6"]).vq)  # exactly enough
+    method_for("vq", load_recipe(None, VQRecipe, ["vq.method=kmeans", "vq.search.iterations=2"]).vq)  # no search
+
+
+def test_targets_whose_codebook_cannot_fit_are_refused_before_any_work(tiny):
+    from vmq.compress import method_for
+    from vmq.models import family_of
+
+    model = tiny[0]
+    fam = family_of(model)
+    stage = VQStage(method="kmeans", codebook=Codebook(dim=4, size=256))
+    assert stage.targets is None  # the family's default targets
+    with pytest.raises(VmqError, match=r"layers.0.mixer.dt_proj: codebook.size 256 exceeds its 96 sub-vectors"):
+        method_for("vq", stage).targets(model, fam)
+    ok = method_for("vq", VQStage(method="kmeans", codebook=Codebook(dim=2, size=16))).targets(model, fam)
+    assert len(ok) == 12 and all(".mixer." in t for t in ok)
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +289,8 @@ def tiny():
 def test_vq_model_end_to_end_and_packed_roundtrip(tiny, tmp_path, method, act):
     import copy
 
+    from vmq.compress import compress_model, method_for
     from vmq.pack.format import load_packed, save_packed
-    from vmq.vq.pipeline import vq_model
 
     model, images, stats = tiny
     model = copy.deepcopy(model)
@@ -276,7 +300,7 @@ def test_vq_model_end_to_end_and_packed_roundtrip(tiny, tmp_path, method, act):
                     search={"iterations": 10, "batch_size": 8},
                     input_activations=None if act is None else {"num_bits": act})
     with torch.no_grad():
-        reports = vq_model(model, stage, images, stats, batch_size=8, seed=0)
+        reports = compress_model(model, method_for("vq", stage), images, stats, batch_size=8, seed=0)
     assert len(reports) == 12 and all(isinstance(m, VQLinear) for n, m in model.named_modules()
                                       if n.endswith(("in_proj", "x_proj", "x_proj_b", "out_proj")))
     for r in reports:  # 4-bit codes per 2 weights; a padded input dimension costs its padding
@@ -299,12 +323,12 @@ def test_vq_model_end_to_end_and_packed_roundtrip(tiny, tmp_path, method, act):
 def test_vimvq_search_lowers_the_block_loss(tiny):
     import copy
 
-    from vmq.vq.pipeline import vq_model
+    from vmq.compress import compress_model, method_for
 
     model, images, stats = tiny
     stage = VQStage(method="vimvq", codebook=Codebook(dim=4, size=16), search={"iterations": 40, "batch_size": 8})
     with torch.no_grad():
-        reports = vq_model(copy.deepcopy(model), stage, images, stats, batch_size=8, seed=0)
+        reports = compress_model(copy.deepcopy(model), method_for("vq", stage), images, stats, batch_size=8, seed=0)
     per_block = {r.name.split(".mixer")[0]: (r.loss_kmeans, r.loss_final) for r in reports}
     assert all(after < before for before, after in per_block.values()), per_block
 

@@ -1,12 +1,13 @@
-"""End-to-end speed of a floating-point Vim and its quantized model, measured in one run.
+"""End-to-end speed of a floating-point model and its compressed model, measured in one run.
 
 :func:`run_bench` times every model on the same random images, interleaved (one forward of
 each model in turn, the order rotating every repeat, so that drift in clock speed or in other
 load hits all models alike), after warm-up, with the device synchronised around each forward;
 it reports medians. Per batch size and model: latency, images/s, the speed-up over the
 floating-point baseline, and on CUDA the peak memory allocated by one forward. With
-``layers=True`` a second pass times the model's parts with hooks (patch embedding, each linear
-kind summed over the blocks, the rest of the mixer: conv, scan and gates; norms and head).
+``layers=True`` a second pass times the model's parts with hooks, in the groups its family
+defines (for Vim: patch embedding, each projection kind summed over the blocks, the rest of each
+Mamba layer: conv, scan and gates; norms and head).
 
 The baseline for a packed file is the same architecture with the file's weights dequantized to
 floating point (:func:`float_twin`): same shapes, so it is the speed an unquantized deployment
@@ -16,18 +17,22 @@ mamba-ssm is installed and on vmq's own scan otherwise (the result says which).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
-from vmq.ops.backend import set_backend
+from vmq.layers import runtime_layers
+from vmq.models.family import family_of
+from vmq.modules import set_module
+from vmq.ops.backend import use_backend
+from vmq.ops.scan import mamba_ssm_available
 
 
 @dataclass
@@ -38,53 +43,32 @@ class BenchModel:
     model: nn.Module
     dtype: torch.dtype = torch.float32
     notes: Dict[str, str] = field(default_factory=dict)
+    context: Callable[[], ContextManager] = contextlib.nullcontext  # entered while the model is timed
 
 
 def float_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every quantized linear replaced by an ``nn.Linear`` of its dequantized weights.
-
-    A smoothing scale kept in the layer is folded into the weight, so the twin computes what the
-    quantized layer approximates.
-    """
-    from vmq.quant.ptq import set_module
-    from vmq.quant.qlinear import QuantizedLinear
-    from vmq.vq.qlinear import VQLinear
-
+    """A copy of ``model`` with every runtime layer replaced by an ``nn.Linear`` of its floating-point
+    equivalent weight (any smoothing folded in): the model the compressed one approximates."""
     twin = copy.deepcopy(model)
-    for name, m in list(twin.named_modules()):
-        if isinstance(m, (QuantizedLinear, VQLinear)):
-            w = m.dequantized_weight().float()
-            if isinstance(m, QuantizedLinear) and m.smooth_scale is not None:
-                w = w / m.smooth_scale[None, :]
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device)
-            with torch.no_grad():
-                lin.weight.copy_(w)
-                if m.bias is not None:
-                    lin.bias.copy_(m.bias.float())
-            set_module(twin, name, lin)
+    for name, m in list(runtime_layers(twin)):
+        w = m.float_weight().float()
+        bias = m.bias_tensor()
+        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias.float())
+        set_module(twin, name, lin)
     return twin
-
-
-def mamba_ssm_scan() -> Optional[Callable]:
-    """mamba-ssm's ``selective_scan_fn`` (the contract of :func:`vmq.ops.scan.selective_scan_ref`), or None."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or installed without its CUDA build
-        return None
-    return selective_scan_fn
 
 
 def gpu_baseline(model: nn.Module) -> BenchModel:
     """The fp16 CUDA baseline: mamba-ssm's scan when installed, vmq's own fused scan otherwise."""
-    from vmq.models.vim import MambaMixer
-
     fp16 = copy.deepcopy(model).half()
-    scan = mamba_ssm_scan()
-    for m in fp16.modules():
-        if isinstance(m, MambaMixer) and scan is not None:
-            m.scan_fn = scan
-    return BenchModel("fp16", fp16, torch.float16,
-                      {"scan": "mamba-ssm selective_scan_fn" if scan is not None else "vmq bidirectional_scan"})
+    if mamba_ssm_available():
+        return BenchModel("fp16", fp16, torch.float16, {"scan": "mamba-ssm selective_scan_fn"},
+                          lambda: family_of(fp16).scan_implementation(fp16, "mamba_ssm"))
+    return BenchModel("fp16", fp16, torch.float16, {"scan": "vmq bidirectional_scan"})
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -117,24 +101,11 @@ def _peak_memory_mb(model: nn.Module, x: Tensor) -> Optional[float]:
     return round((torch.cuda.max_memory_allocated(x.device) - before) / 2 ** 20, 2)
 
 
-LAYER_GROUPS = ("patch_embed", "in_proj", "x_proj", "dt_proj", "out_proj", "mixer other (conv, scan, gates)",
-                "norms", "head")
-
-
-def _group(name: str) -> Optional[str]:
-    """The breakdown group of a module name, or None for modules not timed on their own."""
-    if name == "patch_embed" or name == "head":
-        return name
-    m = re.fullmatch(r"layers\.\d+\.mixer(?:\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj))?", name)
-    if m:
-        return "mixer" if m.group(1) is None else m.group(1).removesuffix("_b")
-    if re.fullmatch(r"layers\.\d+\.norm|norm_f", name):
-        return "norms"
-    return None
-
-
 def layer_times(model: nn.Module, x: Tensor, repeats: int) -> Dict[str, float]:
-    """Median milliseconds per forward of each breakdown group (hooks with device syncs around each part)."""
+    """Median milliseconds per forward of each breakdown group of the model's family (hooks with
+    device syncs around each part)."""
+    family = family_of(model)
+    groups = family.bench_groups
     runs: List[Dict[str, float]] = []
     current: Dict[str, float] = {}
     starts: Dict[int, float] = {}
@@ -151,7 +122,7 @@ def layer_times(model: nn.Module, x: Tensor, repeats: int) -> Dict[str, float]:
         return post
 
     for name, mod in model.named_modules():
-        group = _group(name)
+        group = family.bench_group(name)
         if group is not None:
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post_for(group)))
@@ -159,19 +130,18 @@ def layer_times(model: nn.Module, x: Tensor, repeats: int) -> Dict[str, float]:
         model(x)  # warm the hooks' path once
         for _ in range(repeats):
             current = {}
-            total = _forward_seconds(model, x)
-            current["total"] = total
+            current["total"] = _forward_seconds(model, x)
             runs.append(current)
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for key in ("patch_embed", "in_proj", "x_proj", "dt_proj", "out_proj", "mixer", "norms", "head", "total"):
-        values = [r.get(key, 0.0) for r in runs]
-        out[key] = statistics.median(values) * 1e3
-    linears = sum(out[k] for k in ("in_proj", "x_proj", "dt_proj", "out_proj"))
-    out["mixer other (conv, scan, gates)"] = max(0.0, out.pop("mixer") - linears)
-    timed = sum(out[k] for k in LAYER_GROUPS)
+    keys = [g for g in groups.order if g not in {label for label, _ in groups.remainders.values()}]
+    keys += list(groups.remainders) + ["total"]
+    out = {key: statistics.median([r.get(key, 0.0) for r in runs]) * 1e3 for key in keys}
+    for container, (label, inner) in groups.remainders.items():
+        out[label] = max(0.0, out.pop(container) - sum(out[k] for k in inner))
+    timed = sum(out[k] for k in groups.order)
+    out = {k: out[k] for k in (*groups.order, "total")}
     out["rest (embeddings, residuals, hooks)"] = max(0.0, out["total"] - timed)
     return {k: round(v, 3) for k, v in out.items()}
 
@@ -188,11 +158,12 @@ def run_bench(models: Sequence[BenchModel], image_size: int, batches: Sequence[i
         raise VmqError(f"batch sizes must be positive, got {list(batches)}")
     for bm in models:
         bm.model.eval().to(device)
-        set_backend(bm.model, backend)
     gen = torch.Generator().manual_seed(seed)
     results = []
     breakdown = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), use_backend(backend), contextlib.ExitStack() as stack:
+        for bm in models:
+            stack.enter_context(bm.context())
         for batch in batches:
             images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
             inputs = [images.to(bm.dtype) for bm in models]

@@ -9,6 +9,12 @@ import shutil
 from importlib import metadata
 from typing import Dict
 
+import torch
+
+from vmq import __version__
+from vmq.ops import _library
+from vmq.ops.backend import BUILD_FIX
+
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "f16c")
 
 
@@ -37,9 +43,6 @@ def cpu_info() -> Dict:
 
 def kernels() -> Dict:
     """The native extension's state, and which devices each vmq op has a compiled kernel for."""
-    from vmq.ops import _library
-    from vmq.ops.backend import BUILD_FIX
-
     out = {"vmq._C": "built" if _library.NATIVE is not None else f"{_library.NATIVE_ERROR} (reference PyTorch ops "
                                                                    f"in use; {BUILD_FIX})"}
     if _library.NATIVE is not None:
@@ -54,10 +57,6 @@ def kernels() -> Dict:
 
 
 def collect() -> Dict:
-    import torch
-
-    from vmq import __version__
-
     cuda = {"torch_cuda_build": torch.version.cuda or "none", "available": torch.cuda.is_available(),
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             if torch.cuda.is_available() else [], "nvcc": shutil.which("nvcc") or "not found"}

@@ -2,38 +2,34 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from vmq.errors import VmqError
+from vmq.layers import runtime_layers
 
 
 def param_count(model: nn.Module) -> int:
-    """Parameters, counting the weights that quantized and vector-quantized layers store too."""
-    from vmq.quant.qlinear import QuantizedLinear
-    from vmq.vq.qlinear import VQLinear
-
-    n = sum(p.numel() for p in model.parameters())
-    n += sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
-    return n + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, VQLinear))
+    """Parameters, counting the weights that runtime (quantized) layers store as buffers too."""
+    return sum(p.numel() for p in model.parameters()) + sum(m.stored_weights() for _, m in runtime_layers(model))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
-             on_batch: Optional[Callable[[int, int], None]] = None,
+def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[int, int], None]] = None,
              keep_logits: bool = False) -> Dict[str, float]:
-    """Run ``model`` over ``loader``; returns top-1/top-5 (percent), image count and images/s.
+    """Run ``model`` (in eval mode, where it is) over ``loader``; returns top-1/top-5 (percent), image
+    count and images/s. The images go to the model's device; the model is not moved.
 
     ``on_batch(done, total)`` is called after every batch (for a progress bar). With
     ``keep_logits`` the result also holds ``"logits"`` (N, classes) on the CPU, for
-    :func:`agreement`.
+    :func:`vmq.metrics.agreement`.
     """
-    model.eval().to(device)
+    model.eval()
+    device = next(model.parameters()).device
     total = len(loader.dataset)
     if total == 0:
         raise VmqError("the evaluation set is empty")
@@ -55,8 +51,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
         n += target.numel()
         if on_batch:
             on_batch(n, total)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     extra = {"logits": torch.cat(kept)} if keep_logits else {}
     return {
@@ -69,26 +65,3 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu",
         "images_per_sec": round(n / elapsed, 2),
         "eval_seconds": round(elapsed, 3),
     }
-
-
-def snr_db(ref: Tensor, out: Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - out|^2) in float64; infinity when the two are equal."""
-    noise = (ref.double() - out.double()).pow(2).sum().item()
-    signal = ref.double().pow(2).sum().item()
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
-
-
-def agreement(reference_logits: Tensor, logits: Tensor) -> Dict[str, float]:
-    """How closely ``logits`` follow ``reference_logits`` (same images, same order).
-
-    ``top1_agreement``: percent of images with the same top-1 class; ``logit_snr_db``:
-    10 log10(|ref|^2 / |ref - logits|^2) over all logits. Both are far less noisy than the
-    difference of two top-1 accuracies on the same small set.
-    """
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"logits of different shapes: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
-    same = (reference_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
-    snr = snr_db(reference_logits, logits)
-    return {"top1_agreement": round(100.0 * same, 3), "logit_snr_db": round(snr, 3) if snr != float("inf") else None}

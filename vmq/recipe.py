@@ -9,18 +9,20 @@ and ``null`` mean what they look like), validates, and on failure raises one cle
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Type, TypeVar, Union, get_args, get_origin
+from typing import Any, Dict, Iterable, List, Literal, Optional, Type, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vmq.errors import UsageError, VmqError
 
-__all__ = ["StrictModel", "ModelSpec", "CalibrationSpec", "EvalSpec", "Recipe", "load_recipe",
-           "parse_recipe", "apply_overrides", "dump_recipe"]
+__all__ = ["StrictModel", "ModelSpec", "CalibrationSpec", "EvalSpec", "Recipe", "StageSpec", "ActivationScheme",
+           "check_layer_patterns", "load_recipe", "parse_recipe", "apply_overrides", "dump_recipe"]
 
 R = TypeVar("R", bound=BaseModel)
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class StrictModel(BaseModel):
@@ -51,9 +53,48 @@ class Recipe(StrictModel):
 
     version: int = Field(1, ge=1, le=1)
     seed: int = 0
+    device: str = Field("cpu", description="where calibration and compression run: cpu, cuda or cuda:N "
+                                          "(--device overrides it)")
     model: ModelSpec = ModelSpec()
     calibration: CalibrationSpec = CalibrationSpec()
     eval: EvalSpec = EvalSpec()
+
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+def check_layer_patterns(v: Optional[List[str]]) -> Optional[List[str]]:
+    """``targets`` / ``ignore`` entries: exact layer names or ``re:`` regular expressions."""
+    for item in v or []:
+        if not item.strip():
+            raise ValueError("empty layer name")
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
+    return v
+
+
+class StageSpec(StrictModel):
+    """What every compression stage (``quantization:``, ``vq:``) has: a method and its layers."""
+
+    method: str
+    targets: Optional[List[str]] = Field(None, min_length=1, description="layer names or re: patterns; default: "
+                                                                          "the model family's default targets")
+    ignore: List[str] = Field(default_factory=list)
+
+    _patterns = field_validator("targets", "ignore")(check_layer_patterns)
+
+
+class ActivationScheme(StrictModel):
+    num_bits: int = Field(8, ge=2, le=8, description="bits per activation (asymmetric unsigned integers)")
+    strategy: Literal["token_static", "tensor_static", "token_dynamic"] = "token_static"
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:

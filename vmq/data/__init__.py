@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vmq.errors import VmqError
+from vmq.models.reference import REFERENCE_MODEL
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
 SHIPPED_CALIB = "cifar10_train_calib.npz"
@@ -204,8 +205,6 @@ def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num
     With no folder, the shipped calibration set is used, which exists only for the reference
     model. Images are taken evenly spaced over the (class-sorted) set, so every class is seen.
     """
-    from vmq.models import REFERENCE_MODEL
-
     transform, _ = eval_transform(model)
     if data is None:
         if getattr(model, "vmq_name", None) != REFERENCE_MODEL:

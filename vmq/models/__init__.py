@@ -1,47 +1,45 @@
-"""Vision Mamba models. Importing this package registers them in timm's model registry."""
+"""Visual Mamba models, one file per family. Importing this package registers them in timm's registry."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Union
 
-from vmq.errors import VmqError
-from vmq.models import registry
-from vmq.models.checkpoint import fitting_models, load_checkpoint, read_state_dict
-from vmq.models.registry import REFERENCE_MODEL, canonical_name, config_for, model_names
-from vmq.models.vim import VimConfig, VisionMamba
+from torch import nn
 
-__all__ = ["VimConfig", "VisionMamba", "REFERENCE_MODEL", "create_model", "load_checkpoint",
-           "read_state_dict", "model_names", "canonical_name", "config_for", "fitting_models"]
+from vmq.errors import VmqError
+from vmq.models import vim  # noqa: F401  (registers the Vim family and its models)
+from vmq.models.checkpoint import read_state_dict
+from vmq.models.family import FAMILIES, Fold, ModelFamily, family_of
+from vmq.models.reference import REFERENCE_MODEL
+from vmq.models.registry import (canonical_name, config_for, create, entry_for, family_for, fitting_models,
+                                 load_checkpoint, model_names)
+
+__all__ = ["REFERENCE_MODEL", "FAMILIES", "ModelFamily", "Fold", "create_model", "load_checkpoint", "read_state_dict",
+           "model_names", "canonical_name", "config_for", "family_for", "family_of", "fitting_models"]
 
 
 def create_model(name: Optional[str] = None, checkpoint: Union[str, Path, None] = None,
-                 pretrained: bool = False) -> VisionMamba:
-    """Build a registered Vim, optionally loading a checkpoint.
+                 pretrained: bool = False) -> nn.Module:
+    """Build a registered model, optionally loading a checkpoint, in eval mode.
 
     * no name, no checkpoint: the shipped reference model with its trained weights (a name with
-      ``pretrained=True`` loads the shipped weights too, for the reference model only);
+      ``pretrained=True`` loads the weights shipped for that model; only the reference model has any);
     * a checkpoint without a name: the one registered model whose keys and shapes fit it;
     * a name and a checkpoint: that model, with ``num_classes`` taken from the checkpoint's head.
     """
-    import timm
-
     if name is None and checkpoint is None:
         name, pretrained = REFERENCE_MODEL, True
-    sd = None
-    if checkpoint is not None:
-        sd = read_state_dict(checkpoint)
-        if name is None:
-            fits = fitting_models(sd)
-            if not fits:
-                raise VmqError(f"{checkpoint}: no registered Vim model fits its keys; pass --model")
-            name = fits[0]
-    config_for(name)  # raises a clear error for an unknown name
-    kwargs = {}
-    if sd is not None and "head.weight" in sd:
-        kwargs["num_classes"] = int(sd["head.weight"].shape[0])
-    model = timm.create_model(canonical_name(name), pretrained=pretrained and checkpoint is None, **kwargs)
-    model.vmq_name = canonical_name(name)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, model_name=name, state_dict=sd)
+    if checkpoint is None:
+        return create(name, pretrained=pretrained).eval()
+    sd = read_state_dict(checkpoint)
+    if name is None:
+        fits = fitting_models(sd)
+        if not fits:
+            raise VmqError(f"{checkpoint}: no registered model fits its keys; pass --model")
+        name = fits[0]
+    entry = entry_for(name)
+    head = sd.get(f"{entry.pretrained_cfg.get('classifier', 'head')}.weight")
+    model = create(name, **({"num_classes": int(head.shape[0])} if head is not None else {}))
+    load_checkpoint(model, checkpoint, entry.family, canonical_name(name), state_dict=sd)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Reading Vim checkpoints: official ``.pth`` files, plain state dicts and ``.safetensors``.
+"""Reading checkpoints: official ``.pth`` files, plain state dicts and ``.safetensors``.
 
 Files are never unpickled: ``.pth`` goes through ``torch.load(..., weights_only=True)``.
 A key or shape mismatch is an error that lists what is missing and unexpected and names the
@@ -11,9 +11,11 @@ import argparse
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
@@ -31,9 +33,6 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
     if path.stat().st_size == 0:
         raise VmqError(f"checkpoint is empty: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -79,34 +78,14 @@ def _short(exc: BaseException) -> str:
     return msg[:160]
 
 
-def fitting_models(sd: StateDict) -> List[str]:
-    """Registered model names whose parameter names and shapes match ``sd`` (num_classes aside)."""
-    from vmq.models.registry import ARCHS
-    from vmq.models.vim import VisionMamba
-
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    head = shapes.get("head.weight")
-    fits = []
-    for name, cfg in ARCHS.items():
-        kw = {"num_classes": head[0]} if head else {}
-        with torch.device("meta"):
-            ref = VisionMamba(cfg, **kw).state_dict()
-        if set(ref) == set(shapes) and all(tuple(ref[k].shape) == shapes[k] for k in ref):
-            fits.append(name)
-    return fits
-
-
 def _list(keys: List[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], model_name: Optional[str] = None,
-                    state_dict: Optional[StateDict] = None) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch raises a VmqError naming a fitting model.
-
-    ``state_dict``: the already-read contents of ``path`` (to avoid reading it twice).
-    """
-    sd = read_state_dict(path) if state_dict is None else state_dict
+def load_state_dict_strict(model: nn.Module, sd: StateDict, source: str, target: str,
+                           hint: Callable[[], List[str]]) -> None:
+    """Load ``sd`` into ``model`` strictly; a mismatch raises a VmqError listing what is missing,
+    unexpected or misshapen, and naming the first model ``hint()`` says would fit."""
     ref = model.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
@@ -120,8 +99,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], model_name: Option
             parts.append(f"{len(unexpected)} unexpected keys ({_list(unexpected)})")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches ({_list(wrong, 2)})")
-        fits = fitting_models(sd)
-        hint = (f"; it fits {fits[0]}" if fits else "; no registered Vim model fits these keys")
-        target = model_name or type(model).__name__
-        raise VmqError(f"{path} does not fit {target}: " + ", ".join(parts) + hint)
+        fits = hint()
+        raise VmqError(f"{source} does not fit {target}: " + ", ".join(parts)
+                       + (f"; it fits {fits[0]}" if fits else "; no registered model fits these keys"))
     model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)

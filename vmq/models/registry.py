@@ -1,84 +1,51 @@
-"""Vim models in timm's registry: official long names, short aliases, vmq's reference model, test variants.
+"""Registered models: name -> (family, config, pretrained config), entered in timm's registry.
 
-``import vmq.models`` registers them, after which ``timm.create_model(name, num_classes=...)``
-builds any of them. vmq cannot download official weights: ``pretrained=True`` works only for
-the reference model that ships inside the package.
+A family file calls :func:`register` for each of its models (official long names, short aliases,
+tiny ``test_*`` variants); ``timm.create_model(name, **overrides)`` then builds it.
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` loads a
+local checkpoint file through the family's checkpoint filter (with vmq's safe reader, never
+unpickling code); without a file, ``pretrained=True`` works only for models whose weights ship
+inside the package (the reference model). vmq downloads nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import difflib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Union
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+import torch
 from timm.models import generate_default_cfgs, register_model
+from torch import nn
 
 from vmq.errors import VmqError
-from vmq.models.reference import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, REFERENCE_CONFIG
-from vmq.models.vim import VimConfig, VisionMamba
-
-REFERENCE_MODEL = "vim_ref_cifar10"
-REFERENCE_WEIGHTS = "vim_ref_cifar10.safetensors"
-
-# The official registered variants: every one uses bimamba v2, RMSNorm, an fp32 residual,
-# absolute position embedding, the middle cls token and divide-out.
-_TI = VimConfig(patch_size=16, stride=16, embed_dim=192, depth=24)
-_S = replace(_TI, embed_dim=384)
-_B = replace(_TI, embed_dim=768)
-
-ARCHS: Dict[str, VimConfig] = {
-    "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": _TI,
-    "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": replace(_TI, stride=8),
-    "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": _S,
-    "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": replace(_S, stride=8),
-    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": _B,
-    REFERENCE_MODEL: REFERENCE_CONFIG,
-    # tiny variants for tests (random weights; shapes of the fixtures in ../shared/fixtures)
-    "test_vim": VimConfig(img_size=32, patch_size=8, stride=8, embed_dim=48, depth=2, num_classes=10),
-    "test_vim_stride": VimConfig(img_size=32, patch_size=8, stride=4, embed_dim=32, depth=2, num_classes=10),
-    "test_vim_head_cls": VimConfig(img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2, num_classes=10,
-                                   use_middle_cls_token=False),
-}
-
-ALIASES: Dict[str, str] = {
-    "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-    "vim_tiny_stride8": "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-    "vim_small": "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-    "vim_small_stride8": "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-    "vim_base": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
-}
+from vmq.models.checkpoint import StateDict, load_state_dict_strict, read_state_dict
+from vmq.models.family import ModelFamily
 
 
-def _imagenet_cfg(**kw) -> dict:
-    # The official evaluation: DeiT-style resize to 224/0.875 then center crop 224, bicubic.
-    return {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
-            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": 1000,
-            "label_names": tuple(ImageNetInfo().label_names()),  # WordNet ids, the ImageNet folder names
-            "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "apache-2.0", **kw}
+@dataclass(frozen=True)
+class Entry:
+    family: ModelFamily
+    config: Any
+    pretrained_cfg: dict
 
 
-def _cifar_cfg(**kw) -> dict:
-    return {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
-            "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_classes": 10, "label_names": CIFAR10_CLASSES,
-            "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head", **kw}
+MODELS: Dict[str, Entry] = {}
+ALIASES: Dict[str, str] = {}
 
 
-def _cfg_for(name: str) -> dict:
-    if name == REFERENCE_MODEL:
-        return _cifar_cfg(file=REFERENCE_WEIGHTS)
-    if name.startswith("test_"):
-        return _cifar_cfg()
-    return _imagenet_cfg()
-
-
-default_cfgs = generate_default_cfgs({name: _cfg_for(name) for name in list(ARCHS) + list(ALIASES)})
-
-
-def reference_weights_path() -> Path:
-    return Path(str(resources.files("vmq.assets") / REFERENCE_WEIGHTS))
+def register(family: ModelFamily, name: str, config: Any, pretrained_cfg: dict,
+             aliases: tuple = ()) -> None:
+    """Register ``name`` (and its ``aliases``) with vmq and timm."""
+    if name in MODELS or name in ALIASES:
+        raise ValueError(f"model {name!r} is registered twice")
+    MODELS[name] = Entry(family, config, dict(pretrained_cfg))
+    for alias in aliases:
+        ALIASES[alias] = name
+    for n in (name, *aliases):
+        _register_timm(n)
 
 
 def canonical_name(name: str) -> str:
@@ -86,49 +53,107 @@ def canonical_name(name: str) -> str:
 
 
 def model_names() -> List[str]:
-    return list(ARCHS) + list(ALIASES)
+    return list(MODELS) + list(ALIASES)
 
 
-def config_for(name: str) -> VimConfig:
+def entry_for(name: str) -> Entry:
     cname = canonical_name(name)
-    if cname not in ARCHS:
-        import difflib
-
+    if cname not in MODELS:
         close = difflib.get_close_matches(name, model_names(), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(ALIASES)}, {REFERENCE_MODEL}, ..."
+        hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(list(ALIASES)[:6])}, ..."
         raise VmqError(f"unknown model {name!r}{hint}")
-    return ARCHS[cname]
+    return MODELS[cname]
 
 
-def _build(variant: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-           cache_dir=None, **overrides) -> VisionMamba:
-    """Build a registered Vim. Overrides are VimConfig fields (timm's img_size/in_chans included)."""
-    cfg = config_for(variant)
+def config_for(name: str) -> Any:
+    return entry_for(name).config
+
+
+def family_for(name: str) -> ModelFamily:
+    return entry_for(name).family
+
+
+def shipped_weights(name: str) -> Optional[Path]:
+    """The weights file shipped inside the package for ``name``, if any."""
+    file = entry_for(name).pretrained_cfg.get("file")
+    return Path(str(resources.files("vmq.assets") / file)) if file else None
+
+
+def fitting_models(sd: StateDict) -> List[str]:
+    """Registered model names whose parameter names and shapes match ``sd`` (num_classes aside)."""
+    fits = []
+    for name, entry in MODELS.items():
+        with torch.device("meta"):
+            model = entry.family.build(entry.config)
+            filtered = entry.family.checkpoint_filter(sd, model)
+            head = _num_classes(filtered)
+            if head is not None and head != getattr(model, "num_classes", head):
+                model = entry.family.build(entry.config, num_classes=head)
+        ref = model.state_dict()
+        if set(ref) == set(filtered) and all(tuple(ref[k].shape) == tuple(filtered[k].shape) for k in ref):
+            fits.append(name)
+    return fits
+
+
+def _num_classes(sd: StateDict) -> Optional[int]:
+    head = sd.get("head.weight")
+    return int(head.shape[0]) if head is not None else None
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path], family: ModelFamily, model_name: Optional[str] = None,
+                    state_dict: Optional[StateDict] = None) -> None:
+    """Load ``path`` (or its already-read ``state_dict``) into ``model`` through the family's
+    checkpoint filter, strictly; a mismatch raises a VmqError naming a registered model that fits."""
+    sd = read_state_dict(path) if state_dict is None else state_dict
+    load_state_dict_strict(model, family.checkpoint_filter(sd, model), f"{path}", model_name or type(model).__name__,
+                           hint=lambda: fitting_models(sd))
+
+
+def create(name: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[dict] = None,
+           **overrides) -> nn.Module:
+    """Build a registered model; ``overrides`` are config fields (timm's ``num_classes``, ``img_size``...).
+
+    With ``pretrained``: the file of ``pretrained_cfg_overlay`` (a local checkpoint), else the
+    weights that ship with vmq for this model.
+    """
+    cname = canonical_name(name)
+    entry = entry_for(name)
     try:
-        model = VisionMamba(cfg, **overrides)
-    except TypeError as exc:
-        raise VmqError(f"{variant}: {exc}") from None
-    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[variant].default.to_dict())
-    model.pretrained_cfg["num_classes"] = model.num_classes
-    model.pretrained_cfg["input_size"] = (model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
+        model = entry.family.build(entry.config, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise VmqError(f"{name}: {exc}") from None
+    cfg = dict(entry.pretrained_cfg, **(pretrained_cfg_overlay or {}))
+    cfg["num_classes"] = getattr(model, "num_classes", cfg.get("num_classes"))
+    cfg["input_size"] = entry.family.input_size(model)
+    cfg["architecture"] = cname
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.vmq_name = cname
     if pretrained:
-        if canonical_name(variant) != REFERENCE_MODEL:
-            raise VmqError(f"{variant}: vmq cannot download pretrained weights; pass a checkpoint file instead")
-        from vmq.models.checkpoint import load_checkpoint
-
-        load_checkpoint(model, reference_weights_path(), model_name=variant)
+        file = (pretrained_cfg_overlay or {}).get("file")
+        path = Path(file) if file else shipped_weights(cname)
+        if path is None:
+            raise VmqError(f"{name}: vmq cannot download pretrained weights; pass a checkpoint file "
+                           "(pretrained_cfg_overlay=dict(file=PATH), or --checkpoint)")
+        load_checkpoint(model, path, entry.family, cname)
     return model
 
 
-def _register(name: str) -> None:
-    def entry(pretrained: bool = False, **kwargs) -> VisionMamba:
-        return _build(name, pretrained=pretrained, **kwargs)
+# timm's register_model reads a module's `default_cfgs` for the pretrained config of each name
+default_cfgs: Dict[str, Any] = {}
 
-    entry.__name__ = name
-    entry.__qualname__ = name
+
+def _register_timm(name: str) -> None:
+    def entry(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+              **overrides) -> nn.Module:
+        del pretrained_cfg, cache_dir  # vmq's configs are its own; nothing is downloaded
+        return create(name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **overrides)
+
+    entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
+    cfg = {k: v for k, v in MODELS[canonical_name(name)].pretrained_cfg.items() if k != "file"}
+    default_cfgs.update(generate_default_cfgs({name: cfg}))
     register_model(entry)
 
 
-for _name in model_names():
-    _register(_name)
+__all__ = ["register", "canonical_name", "model_names", "entry_for", "config_for", "family_for", "shipped_weights",
+           "fitting_models", "load_checkpoint", "create", "MODELS", "ALIASES"]

@@ -20,20 +20,25 @@ directions are always computed.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from vmq.models.common import DropPath, PatchEmbed, RMSNorm, imagenet_cfg
+from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family
+from vmq.models.reference import REFERENCE_MODEL, REFERENCE_WEIGHTS, cifar_cfg
+from vmq.models.registry import register
 from vmq.ops.conv import bidirectional_conv1d_silu
-from vmq.ops.norm import rms_norm
-from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref, selective_scan
+from vmq.ops.scan import bidirectional_scan, one_direction_scan, selective_scan_ref, two_direction_scan
 
-__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm"]
+__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "VimFamily", "VIM", "REFERENCE_CONFIG"]
 
 
 @dataclass(frozen=True)
@@ -114,34 +119,6 @@ class VimConfig:
         return cls(**d)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm without bias: ``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.backend = "auto"  # kernel choice (vmq.ops.backend); no CUDA kernel: on CUDA it runs in PyTorch
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps, backend="auto" if self.backend == "cuda" else self.backend)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth on the batch dimension (identity in eval mode)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
 class MambaMixer(nn.Module):
     """The bimamba v2 mixer with official parameter names (``*_b`` for the backward direction)."""
 
@@ -152,11 +129,10 @@ class MambaMixer(nn.Module):
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.bidirectional = cfg.bimamba_type == "v2"
         self.if_divide_out = cfg.if_divide_out
-        # the one-direction scan (contract of vmq.ops.selective_scan_ref); swappable, e.g. for
-        # the trainable fused CPU scan
-        self.scan_fn = selective_scan
-        # kernel choice for the fused two-direction scan (vmq.ops.backend); used while scan_fn is the default
-        self.backend = "auto"
+        # "fused": both directions and the gate in one vmq.ops.bidirectional_scan call (inference);
+        # otherwise the name of a one-direction scan of vmq.ops.scan.one_direction_scan run per
+        # direction ("train": differentiable, for JLSS and the VQ search; "mamba_ssm"; "reference")
+        self.scan = "fused"
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
@@ -206,26 +182,25 @@ class MambaMixer(nn.Module):
         (conv, x_proj, dt_proj, A_log, D), *backward = self.directions()
         A = -torch.exp(A_log.float())
         if not self.bidirectional:
+            scan = selective_scan_ref if self.scan == "fused" else one_direction_scan(self.scan, hidden.device)
             u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
-            return self.out_proj(self.scan_fn(u, delta, A, B, C, D.float(), z, True).transpose(1, 2))
+            return self.out_proj(scan(u, delta, A, B, C, D.float(), z, True).transpose(1, 2))
         conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = backward[0]
         A_b = -torch.exp(A_b_log.float())
-        if self.scan_fn is selective_scan:
+        if self.scan == "fused":
             # inference: both convs in one fused call (token-major outputs, what x_proj and the scan
-            # read best; there is no CUDA conv kernel, on CUDA the conv runs in PyTorch), then both
-            # scan directions and the gate in one fused call
-            u, u_b = bidirectional_conv1d_silu(x, conv.weight[:, 0], conv.bias, conv_b.weight[:, 0], conv_b.bias,
-                                               backend="auto" if self.backend == "cuda" else self.backend)
+            # read best), then both scan directions and the gate in one fused call
+            u, u_b = bidirectional_conv1d_silu(x, conv.weight[:, 0], conv.bias, conv_b.weight[:, 0], conv_b.bias)
             u, delta, B, C = self.project(u, x_proj, dt_proj)
             u_b, delta_b, B_b, C_b = self.project(u_b, x_proj_b, dt_proj_b)
             out = bidirectional_scan(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
-                                     delta_softplus=True, divide_out=self.if_divide_out,
-                                     backend=self.backend).to(hidden.dtype)
-        else:  # a swapped-in scan (training, or mamba-ssm's as a baseline)
+                                     delta_softplus=True, divide_out=self.if_divide_out).to(hidden.dtype)
+        else:  # a one-direction scan per direction (training, or mamba-ssm's as a baseline)
             u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
             u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
-            out = bidirectional_scan_ref(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
-                                         delta_softplus=True, divide_out=self.if_divide_out, scan=self.scan_fn)
+            out = two_direction_scan(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
+                                     delta_softplus=True, divide_out=self.if_divide_out,
+                                     scan=one_direction_scan(self.scan, hidden.device))
         return self.out_proj(out.transpose(1, 2))
 
 
@@ -245,20 +220,6 @@ class Block(nn.Module):
             residual = residual.float()
         hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
         return hidden, residual
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, cfg: VimConfig):
-        super().__init__()
-        self.img_size = cfg.img_size
-        self.grid_size = cfg.grid_size
-        self.num_patches = cfg.num_patches
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"input is {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}")
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class VisionMamba(nn.Module):
@@ -342,3 +303,101 @@ class VisionMamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+# -- the family protocol ---------------------------------------------------------------------------
+_PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+class VimFamily(ModelFamily):
+    """Vim for the engine: blocks ``layers.{i}.`` passing ``(hidden, residual)``."""
+
+    name = "vim"
+    model_class = VisionMamba
+    config_class = VimConfig
+    bench_groups = BenchGroups(
+        order=("patch_embed", *_PROJECTIONS, "mixer other (conv, scan, gates)", "norms", "head"),
+        remainders={"mixer": ("mixer other (conv, scan, gates)", _PROJECTIONS)})
+
+    def blocks(self, model: VisionMamba) -> List[Tuple[str, nn.Module]]:
+        return [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
+
+    def embed(self, model: VisionMamba, images: Tensor) -> BlockIO:
+        return model.embed(images), None
+
+    def run_block(self, block: Block, io: BlockIO) -> BlockIO:
+        return block(io[0], io[1])
+
+    def block_output(self, io: BlockIO) -> Tensor:
+        return io[0]  # the mixer output; the residual stream is the sum of the earlier ones
+
+    def default_targets(self) -> List[str]:
+        return [r"re:layers\.\d+\.mixer\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
+
+    def smoothing_folds(self, block: Block) -> List[Fold]:
+        # in_proj reads the block's norm; dt_proj reads the first dt_rank outputs of x_proj
+        dt_rows = (0, block.mixer.dt_rank)
+        folds = [Fold("mixer.in_proj", "norm"), Fold("mixer.dt_proj", "mixer.x_proj", dt_rows)]
+        if block.mixer.bidirectional:
+            folds.append(Fold("mixer.dt_proj_b", "mixer.x_proj_b", dt_rows))
+        return folds
+
+    @contextlib.contextmanager
+    def scan_implementation(self, model: VisionMamba, impl: str) -> Iterator[None]:
+        mixers = [block.mixer for block in model.layers]
+        saved = [m.scan for m in mixers]
+        for m in mixers:
+            m.scan = impl
+        try:
+            yield
+        finally:
+            for m, scan in zip(mixers, saved):
+                m.scan = scan
+
+    def bench_group(self, module_name: str) -> Optional[str]:
+        if module_name in ("patch_embed", "head"):
+            return module_name
+        m = re.fullmatch(r"layers\.\d+\.mixer(?:\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj))?", module_name)
+        if m:
+            return "mixer" if m.group(1) is None else m.group(1).removesuffix("_b")
+        if re.fullmatch(r"layers\.\d+\.norm|norm_f", module_name):
+            return "norms"
+        return None
+
+    def input_size(self, model: VisionMamba) -> Tuple[int, int, int]:
+        return (model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
+
+
+VIM = register_family(VimFamily())
+
+
+# -- registered models -----------------------------------------------------------------------------
+#: Vim-Ti's flags (bimamba v2, middle cls token, mean pool, RMSNorm, fp32 residual, abs pos
+#: embed, divide-out), with width, depth and patch size scaled to 32x32 images and a CPU budget.
+REFERENCE_CONFIG = VimConfig(img_size=32, patch_size=4, stride=4, num_classes=10, embed_dim=96, depth=6, d_state=16)
+
+# The official registered variants all use bimamba v2, RMSNorm, an fp32 residual, absolute
+# position embedding, the middle cls token and divide-out.
+_TI = VimConfig(patch_size=16, stride=16, embed_dim=192, depth=24)
+_S = replace(_TI, embed_dim=384)
+_B = replace(_TI, embed_dim=768)
+_OFFICIAL = {  # alias: (official name, config)
+    "vim_tiny": ("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", _TI),
+    "vim_tiny_stride8": ("vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+                         replace(_TI, stride=8)),
+    "vim_small": ("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", _S),
+    "vim_small_stride8": ("vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+                          replace(_S, stride=8)),
+    "vim_base": ("vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2", _B),
+}
+_VIM_CFG = imagenet_cfg(first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
+for _alias, (_name, _config) in _OFFICIAL.items():
+    register(VIM, _name, _config, _VIM_CFG, aliases=(_alias,))
+register(VIM, REFERENCE_MODEL, REFERENCE_CONFIG, cifar_cfg(file=REFERENCE_WEIGHTS))
+# tiny variants for tests (random weights; shapes of the fixtures in ../shared/fixtures)
+register(VIM, "test_vim", VimConfig(img_size=32, patch_size=8, stride=8, embed_dim=48, depth=2, num_classes=10),
+         cifar_cfg())
+register(VIM, "test_vim_stride", VimConfig(img_size=32, patch_size=8, stride=4, embed_dim=32, depth=2,
+                                           num_classes=10), cifar_cfg())
+register(VIM, "test_vim_head_cls", VimConfig(img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2,
+                                             num_classes=10, use_middle_cls_token=False), cifar_cfg())

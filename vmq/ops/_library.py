@@ -2,8 +2,11 @@
 
 The CPU and CUDA implementations register themselves from the compiled extension ``vmq._C``
 (``TORCH_LIBRARY_IMPL(vmq, CPU | CUDA, m)`` in ``csrc/``); importing this module declares the
-schemas first, then loads the extension when it is built. Each op has a pure-PyTorch ``_ref``
-twin in :mod:`vmq.ops` that defines its arithmetic; the fake implementations below give output
+schemas first, then loads the extension when it is built. Each op has a pure-PyTorch twin
+``<op>_ref`` in :mod:`vmq.ops` with the schema's arguments, which defines its arithmetic and is
+registered as the op's default (CompositeExplicitAutograd) implementation by
+:mod:`vmq.ops._defaults`, so ``torch.ops.vmq.<op>`` runs on any device, built or not; a compiled
+CPU / CUDA kernel takes precedence on its device. The fake implementations below give output
 shapes, dtypes and strides only (for ``torch.compile`` and ``torch.library.opcheck``).
 """
 
@@ -21,12 +24,12 @@ SCHEMAS = {
     # k-means for VQ codebooks (vmq.ops.kmeans)
     "kmeans_assign": "(Tensor x, Tensor? w, Tensor centroids) -> (Tensor, Tensor)",
     "kmeans_update": "(Tensor x, Tensor? w, Tensor codes, Tensor centroids) -> Tensor",
-    # both scan directions of a bimamba v2 mixer in one call, optionally on int8 u / delta (vmq.ops.scan)
+    # both scan directions of a bidirectional (bimamba v2) Mamba layer in one call, optionally on int8 u / delta (vmq.ops.scan)
     "bidirectional_scan": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
                           "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, "
                           "Tensor? z, Tensor? u_scale, Tensor? delta_scale, Tensor? u_b_scale, "
                           "Tensor? delta_b_scale, bool delta_softplus, bool divide_out) -> Tensor",
-    # depthwise causal conv1d + SiLU of both mixer directions (vmq.ops.conv)
+    # depthwise causal conv1d + SiLU of both directions of a bidirectional Mamba layer (vmq.ops.conv)
     "bidirectional_conv1d_silu": "(Tensor x, Tensor weight, Tensor? bias, Tensor weight_b, Tensor? bias_b) "
                                  "-> (Tensor, Tensor)",
     # RMSNorm in one pass (vmq.ops.norm)
@@ -134,8 +137,10 @@ NATIVE, NATIVE_ERROR = _load_native()
 
 @functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda").
+    """Whether ``vmq::<op>`` has a compiled kernel of vmq._C for ``device_type`` ("cpu" or "cuda").
 
-    Cached: the kernels are registered once, when vmq._C is imported above (every forward asks).
+    Asks for a registration on that device's own dispatch key, which the default
+    (CompositeExplicitAutograd) twin is not. Cached: the kernels are registered once, when
+    vmq._C is imported above (every forward asks).
     """
     return NATIVE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())

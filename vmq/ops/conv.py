@@ -1,4 +1,4 @@
-"""The mixer's depthwise causal conv1d + SiLU, both directions.
+"""The depthwise causal conv1d + SiLU of a bidirectional Mamba layer, both directions.
 
 Layouts: ``x`` (batch, d_inner, seqlen); each direction's kernel ``weight`` (d_inner, k) (an
 ``nn.Conv1d(groups=d_inner)`` weight without its middle dimension) and optional ``bias``
@@ -40,7 +40,7 @@ def bidirectional_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 def bidirectional_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_b: Tensor,
-                              bias_b: Optional[Tensor], backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                              bias_b: Optional[Tensor], backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Both directions' ``u`` in one call (see the module docstring); ``backend``: :mod:`vmq.ops.backend`.
 
     The kernel takes float32 tensors without gradients and kernels of at most 16 taps, and

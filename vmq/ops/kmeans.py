@@ -8,11 +8,14 @@ the square gives the assignment as two small matmuls per chunk of points,
     dist(x, c) = sum_j w_j x_j^2  -  2 (w * x) . c  +  w . c^2,
 
 so the full N x K distance matrix never exists: at most ``chunk`` x K of it at a time. That is
-:func:`assign_ref`, the definition; :func:`assign` runs the fused C++ kernel
+:func:`assign_ref`, the definition (the distance returned is that of the nearest centroid,
+clamped at 0); :func:`assign` runs the fused kernel ``vmq::kmeans_assign``
 (``csrc/cpu/kmeans_assign.cpp``: distances computed in registers for a few points against 8
-centroids at a time and folded into a running minimum) on fp32 CPU tensors when it builds, and
-agrees with the reference up to fp32 rounding (so a near tie may resolve to another index).
-:func:`update_centroids` likewise has a fused twin (one serial pass, sums in double).
+centroids at a time and folded into a running minimum; a CUDA one too) on fp32 tensors when
+it builds, and agrees with the reference up to fp32 rounding (so a near tie may resolve to
+another index). :func:`update_centroids` likewise runs ``vmq::kmeans_update`` (one serial
+pass, sums in double) or :func:`update_centroids_ref`. The ops' twins, with their arguments,
+are :func:`kmeans_assign_ref` and :func:`kmeans_update_ref`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def fused_available() -> bool:
     return _library.has_kernel("kmeans_assign", "cpu")
 
 
-def _use_fused(x: Tensor, backend: str, op: str = "kmeans_assign") -> bool:
+def _use_fused(x: Tensor, backend: Optional[str], op: str = "kmeans_assign") -> bool:
     """``auto``: the compiled kernel for fp32 tensors when there is one; ``cpu``/``cuda``: it or an error; ``ref``: never.
 
     The CUDA assignment kernel keeps a point in registers: up to 32 dimensions.
@@ -56,11 +59,12 @@ def _use_fused(x: Tensor, backend: str, op: str = "kmeans_assign") -> bool:
 
 
 def assign(x: Tensor, centroids: Tensor, w: Optional[Tensor] = None, chunk: Optional[int] = None,
-           return_dist: bool = False, backend: str = "auto"):
+           return_dist: bool = False, backend: Optional[str] = None):
     """Index of the nearest centroid of every point; (N,) int64 (and the distances with ``return_dist``).
 
-    ``backend``: ``auto`` (the fused kernel for fp32 CPU tensors when it builds, else the
-    reference), ``cpu`` (the fused kernel or an error) or ``ref`` (:func:`assign_ref`).
+    ``backend`` (see :mod:`vmq.ops.backend`): ``auto`` (the fused kernel for fp32 tensors when
+    it builds, else the reference), ``cpu`` / ``cuda`` (that kernel or an error) or ``ref``
+    (:func:`assign_ref`).
     """
     if not _use_fused(x, backend):
         return assign_ref(x, centroids, w, chunk, return_dist)
@@ -158,7 +162,7 @@ def kmeans_pp(x: Tensor, k: int, w: Optional[Tensor] = None, generator: Optional
 
 
 def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None,
-                     backend: str = "auto") -> Tensor:
+                     backend: Optional[str] = None) -> Tensor:
     """The (weighted) mean of each cluster, coordinate by coordinate; a coordinate with no weight
     keeps its old centroid. ``backend`` as for :func:`assign` (``ref``: :func:`update_centroids_ref`)."""
     if not _use_fused(x, backend, "kmeans_update"):
@@ -167,7 +171,17 @@ def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Te
 
 
 def update_centroids_ref(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None) -> Tensor:
-    """Reference of :func:`update_centroids`: two ``index_add_`` passes in the points' dtype."""
+    """Reference of :func:`update_centroids` (its argument order): :func:`kmeans_update_ref`."""
+    return kmeans_update_ref(x, w, codes, centroids)
+
+
+def kmeans_assign_ref(x: Tensor, w: Optional[Tensor], centroids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Twin of ``vmq::kmeans_assign``: ``(codes (N,) int64, distance to the nearest centroid (N,))``."""
+    return assign_ref(x, centroids, w, return_dist=True)
+
+
+def kmeans_update_ref(x: Tensor, w: Optional[Tensor], codes: Tensor, centroids: Tensor) -> Tensor:
+    """Twin of ``vmq::kmeans_update``: two ``index_add_`` passes in the points' dtype."""
     w = _check(x, w)
     k, d = centroids.shape
     wx = x if w is None else w * x
@@ -180,7 +194,7 @@ def update_centroids_ref(x: Tensor, codes: Tensor, centroids: Tensor, w: Optiona
 
 def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, seed: int = 0,
            chunk: Optional[int] = None, init: Optional[Tensor] = None,
-           stop_early: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+           stop_early: bool = True, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Weighted k-means of the rows of ``x``: returns ``(centroids (k, d), codes (N,))``.
 
     ``iterations`` Lloyd steps after k-means++ seeding (or from ``init``), stopping early when no
@@ -213,5 +227,5 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
     return centroids, codes
 
 
-__all__ = ["kmeans", "kmeans_pp", "assign", "assign_ref", "fused_available", "nearest_k", "update_centroids",
-           "update_centroids_ref", "CHUNK_ELEMENTS"]
+__all__ = ["kmeans", "kmeans_pp", "assign", "assign_ref", "fused_available", "kmeans_assign_ref", "kmeans_update_ref",
+           "nearest_k", "update_centroids", "update_centroids_ref", "CHUNK_ELEMENTS"]

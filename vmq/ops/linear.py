@@ -16,8 +16,10 @@ input channel), quantized per token with :func:`vmq.ops.quantize.quantize_per_to
 (``vmq::int8_linear_from_float``: the quantization happens as rows enter the GEMM, no uint8
 tensor in between; bit-identical) or the twin.
 
-``w4a8_linear_ref``: the same with 4-bit weights packed two per byte, low nibble first (the
-format of :mod:`vmq.pack.bits`), shape (N, K / 2); unpacked, it is ``int8_linear_ref``.
+``w4a8_linear_ref``: the same with 4-bit weights packed two per byte by :func:`pack_int4`, shape
+(N, K / 2): value ``k`` of a row goes to byte ``k // 2``, the low nibble for even ``k``, the high
+one for odd ``k``, each as 4-bit two's complement (the bytes of ``vmq.pack.bits.pack_signed(w, 4)``
+on the row-major weight); unpacked, it is ``int8_linear_ref``.
 
 ``vq_linear_ref``: vector-quantized weights. Row ``n`` of the weight is the concatenation of the
 codewords ``codebook[n // rows_per_group, codes[n, j]]`` (fp16, d values each), cut to the input
@@ -36,7 +38,6 @@ from torch import Tensor
 
 from vmq.ops.backend import use_native
 from vmq.ops.quantize import check_per_token, per_token, quantize_per_token_ref
-from vmq.pack.bits import pack_signed, unpack_signed
 
 
 def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ def int8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Ten
 
 def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: str = "auto") -> Tensor:
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: Optional[str] = None) -> Tensor:
     """:func:`int8_linear_ref` on the compiled kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
     if (out_scale is None) != (out_zero_point is None):
         raise ValueError("out_scale and out_zero_point go together")
@@ -89,7 +90,7 @@ def int8_linear_from_float_ref(x: Tensor, smooth_scale: Optional[Tensor], x_scal
 
 def int8_linear_from_float(x: Tensor, smooth_scale: Optional[Tensor], x_scale: Tensor, x_zero_point: Tensor,
                            x_bits: int, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                           backend: str = "auto") -> Tensor:
+                           backend: Optional[str] = None) -> Tensor:
     """:func:`int8_linear_from_float_ref` on the fused kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
     if not 2 <= x_bits <= 8:
         raise ValueError(f"bits must be 2..8, got {x_bits}")
@@ -107,13 +108,21 @@ def pack_int4(w_q: Tensor) -> Tensor:
     """int8 weights in [-8, 7], shape (N, K) with K even -> the (N, K / 2) uint8 layout of ``w4a8_linear``."""
     if w_q.dim() != 2 or w_q.shape[1] % 2:
         raise ValueError(f"4-bit packing needs (N, K) weights with K even, got {tuple(w_q.shape)}")
-    return pack_signed(w_q.cpu(), 4).reshape(w_q.shape[0], w_q.shape[1] // 2).to(w_q.device)
+    v = w_q.to(torch.int64)
+    if v.numel() and (v.min() < -8 or v.max() > 7):
+        raise ValueError("values outside the 4-bit range [-8, 7]")
+    nibbles = (v & 0xF).to(torch.uint8)  # two's complement, 4 bits
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
 
 
 def unpack_int4_ref(w_packed: Tensor) -> Tensor:
     """Inverse of :func:`pack_int4`: (N, K / 2) uint8 -> (N, K) int8."""
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(f"expected (N, K / 2) uint8 packed weights, got {w_packed.dtype} {tuple(w_packed.shape)}")
     n, half = w_packed.shape
-    return unpack_signed(w_packed.cpu(), 4, n * half * 2).reshape(n, half * 2).to(w_packed.device)
+    lo, hi = (w_packed & 0xF).to(torch.int8), (w_packed >> 4).to(torch.int8)
+    nibbles = torch.stack((lo, hi), dim=-1).reshape(n, half * 2)
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles)
 
 
 def w4a8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
@@ -126,7 +135,7 @@ def w4a8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed
 
 def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: str = "auto") -> Tensor:
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: Optional[str] = None) -> Tensor:
     """:func:`w4a8_linear_ref` on the compiled kernel (``vmq::w4a8_linear``, bit-identical) or the twin."""
     if (out_scale is None) != (out_zero_point is None):
         raise ValueError("out_scale and out_zero_point go together")
@@ -188,7 +197,7 @@ def vq_linear_ref(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Op
 
 
 def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Optional[int] = None,
-              scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+              scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """:func:`vq_linear_ref` on the compiled kernel (``vmq::vq_linear``) or the twin.
 
     The CPU kernel decodes the weight and runs one matmul (equal to the twin to fp32 rounding);

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -19,7 +21,7 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: Optional[str] = None) -> Tensor:
     """:func:`rms_norm_ref` on the compiled kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     takes = x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 1 and not grads

@@ -8,6 +8,8 @@ dynamic); broadcast over channels.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,8 @@ def quantize_per_token_ref(x: Tensor, scale: Tensor, zero_point: Tensor, bits: i
     return torch.clamp(q, 0, 2 ** bits - 1).to(torch.uint8)
 
 
-def quantize_per_token(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8, backend: str = "auto") -> Tensor:
+def quantize_per_token(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int = 8,
+                       backend: Optional[str] = None) -> Tensor:
     """:func:`quantize_per_token_ref` on the compiled kernel (``vmq::quantize_per_token``, bit-identical) or the twin."""
     takes = x.dtype == torch.float32 and x.dim() >= 2
     if not use_native("quantize_per_token", x, backend, takes=takes, why="takes float32 (..., tokens, channels)"):
@@ -32,6 +35,20 @@ def quantize_per_token(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int =
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be 2..8, got {bits}")
     return torch.ops.vmq.quantize_per_token(x, scale.float(), zero_point, bits)
+
+
+def range_to_qparams(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8):
+    """Asymmetric (scale, integer zero point) covering [lo, hi] (the range is widened to include 0).
+
+    ``scale = max((hi - lo) / (2^bits - 1), eps)``, ``zero_point = clamp(round(-lo / scale), 0, 2^bits - 1)``
+    (as fp32), elementwise: per token for dynamic quantization.
+    """
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    qmax = 2 ** bits - 1
+    scale = torch.clamp((hi - lo) / qmax, min=eps)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zp
 
 
 def dequantize_per_token_ref(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:

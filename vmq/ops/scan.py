@@ -1,104 +1,48 @@
-"""Selective scan (the SSM recurrence of Mamba), one direction per call.
+"""The scans the models run: both directions of a bidirectional (bimamba v2) Mamba layer, and one-direction scans.
 
-Layouts follow mamba-ssm's ``selective_scan_fn`` so that kernels can be compared one to one:
+Layouts and arithmetic are those of :mod:`vmq.ops.scan_ref` (``selective_scan_ref`` is the
+definition of one direction). A bidirectional Mamba layer runs the forward direction on t = 0..L-1 and
+the backward one on t = L-1..0, every tensor in the original time order, and sums them:
 
-    u, delta, z : (batch, d_inner, seqlen)
-    A           : (d_inner, d_state)
-    B, C        : (batch, d_state, seqlen)
-    D           : (d_inner,)
+    out = (y + y_b) / 2 * silu(z)          (no halving without divide_out; no gate without z)
 
-Arithmetic (fp32 throughout):
-
-    delta  = softplus(delta)                        if delta_softplus
-    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
-    y_t    = <h_t, C_t> + D * u_t
-    out    = y * silu(z)                            if z is given
-
-``selective_scan_ref`` is the definition: a plain time loop. ``bidirectional_scan_ref`` runs
-both directions of a bimamba v2 mixer with it; :func:`bidirectional_scan` is the entry point the
-models call at inference, which runs the fused kernel ``vmq::bidirectional_scan`` (both
-directions in one pass, no flipped copies, optional int8 ``u`` / ``delta`` with per-token
-scales) or the reference. (Training uses :mod:`vmq.ops.scan_train`, swapped in per model.)
+* :func:`two_direction_scan`: that composition of any one-direction scan (the model uses it
+  while a one-direction scan is swapped in, for training or mamba-ssm's as a baseline);
+* :func:`bidirectional_scan_ref`: twin of ``vmq::bidirectional_scan`` with its arguments, i.e.
+  int8 ``u`` / ``delta`` dequantized with their per-token scales, then the composition of
+  ``selective_scan_ref``, fp32 out;
+* :func:`bidirectional_scan`: the entry point at inference, the fused kernel (both directions in
+  one pass, no flipped copies, optional int8 ``u`` / ``delta``) or the twin;
+* :func:`one_direction_scan`: a one-direction scan by name (``reference``, ``train``,
+  ``mamba_ssm``), each with the contract of ``selective_scan_ref``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vmq.errors import VmqError
 from vmq.ops.backend import use_native
+from vmq.ops.scan_ref import selective_scan_ref
+from vmq.ops.scan_train import training_scan
+
+SCAN_IMPLS = ("reference", "train", "mamba_ssm")
 
 
-def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, d_inner, seqlen), got {tuple(u.shape)} and {tuple(delta.shape)}")
-    batch, d_inner, seqlen = u.shape
-    if A.shape[0] != d_inner or A.dim() != 2:
-        raise ValueError(f"A must be (d_inner={d_inner}, d_state), got {tuple(A.shape)}")
-    d_state = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, d_state, seqlen):
-            raise ValueError(f"{name} must be ({batch}, {d_state}, {seqlen}), got {tuple(t.shape)}")
-
-
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """The reference selective scan: a sequential loop over time, fp32 state."""
-    _check(u, delta, A, B, C)
-    dtype_in = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d_inner, seqlen = u.shape
-    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, e, l, n)
-    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None]  # (b, e, l, n)
-    h = u.new_zeros(batch, d_inner, A.shape[1])
-    ys = []
-    for t in range(seqlen):
-        h = dA[:, :, t] * h + dBu[:, :, t]
-        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + u * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(dtype_in)
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Selective scan entry point used by the models (same contract as ``selective_scan_ref``)."""
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus)
-
-
-def bidirectional_scan_ref(
+def two_direction_scan(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
     u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
     z: Optional[Tensor] = None,
     delta_softplus: bool = False,
     divide_out: bool = True,
-    scan=selective_scan_ref,
+    scan: Callable = selective_scan_ref,
 ) -> Tensor:
-    """Both scan directions of a bimamba v2 mixer, every tensor in the original time order.
+    """Both scan directions of a bidirectional Mamba layer, every tensor in the original time order.
 
     The forward direction runs t = 0..L-1 on ``(u, delta, A, B, C, D)``; the backward direction
     runs t = L-1..0 on ``(u_b, delta_b, A_b, B_b, C_b, D_b)``. The outputs are summed (halved when
@@ -126,18 +70,17 @@ def dequantize_scan_input(q: Tensor, scale: Optional[Tensor]) -> Tensor:
     return q
 
 
-def bidirectional_scan_quantized_ref(
+def bidirectional_scan_ref(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
     u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
-    z: Optional[Tensor] = None, delta_softplus: bool = False, divide_out: bool = True,
-    u_scale: Optional[Tensor] = None, delta_scale: Optional[Tensor] = None,
-    u_b_scale: Optional[Tensor] = None, delta_b_scale: Optional[Tensor] = None,
+    z: Optional[Tensor], u_scale: Optional[Tensor], delta_scale: Optional[Tensor],
+    u_b_scale: Optional[Tensor], delta_b_scale: Optional[Tensor], delta_softplus: bool, divide_out: bool,
 ) -> Tensor:
-    """Twin of ``vmq::bidirectional_scan``: dequantize int8 inputs, then :func:`bidirectional_scan_ref` (fp32 out)."""
+    """Twin of ``vmq::bidirectional_scan``: dequantize int8 inputs, then :func:`two_direction_scan` (fp32 out)."""
     u, delta = dequantize_scan_input(u, u_scale), dequantize_scan_input(delta, delta_scale)
     u_b, delta_b = dequantize_scan_input(u_b, u_b_scale), dequantize_scan_input(delta_b, delta_b_scale)
-    return bidirectional_scan_ref(u.float(), delta.float(), A, B, C, D, u_b.float(), delta_b.float(), A_b, B_b, C_b,
-                                  D_b, z, delta_softplus, divide_out).float()
+    return two_direction_scan(u.float(), delta.float(), A, B, C, D, u_b.float(), delta_b.float(), A_b, B_b, C_b,
+                              D_b, z, delta_softplus, divide_out).float()
 
 
 def bidirectional_scan(
@@ -146,13 +89,13 @@ def bidirectional_scan(
     z: Optional[Tensor] = None, delta_softplus: bool = False, divide_out: bool = True,
     u_scale: Optional[Tensor] = None, delta_scale: Optional[Tensor] = None,
     u_b_scale: Optional[Tensor] = None, delta_b_scale: Optional[Tensor] = None,
-    backend: str = "auto",
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Both scan directions and the gate in one call; fp32 (batch, d_inner, seqlen).
 
-    Same arithmetic as :func:`bidirectional_scan_quantized_ref` (to fp32 rounding). ``backend``
-    (see :mod:`vmq.ops.backend`): the fused kernel takes fp32 / int8 inputs without gradients,
-    and on CUDA fp16 ones too (the state and the output stay fp32).
+    Same arithmetic as :func:`bidirectional_scan_ref` (to fp32 rounding). ``backend`` (see
+    :mod:`vmq.ops.backend`): the fused kernel takes fp32 / int8 inputs without gradients, and
+    on CUDA fp16 ones too (the state and the output stay fp32).
     """
     tensors = [t for t in (u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z) if t is not None]
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -165,8 +108,42 @@ def bidirectional_scan(
                  and all(t.dtype == torch.float32 for t in (A, D, A_b, D_b) if t is not None))
     if not use_native("bidirectional_scan", u, backend, takes=dtypes_ok and not grads,
                       why="takes float32 (or int8 u / delta; on CUDA float16) inputs without gradients"):
-        return bidirectional_scan_quantized_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                                delta_softplus, divide_out, u_scale, delta_scale, u_b_scale,
-                                                delta_b_scale)
+        return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale,
+                                      delta_scale, u_b_scale, delta_b_scale, delta_softplus, divide_out)
     return torch.ops.vmq.bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale,
                                             delta_scale, u_b_scale, delta_b_scale, delta_softplus, divide_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_scan():
+    """mamba-ssm's ``selective_scan_fn``, or None when it is not installed (or installed without its CUDA build)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # noqa: BLE001  (an ImportError, or its CUDA extension failing to load)
+        return None
+    return selective_scan_fn
+
+
+def mamba_ssm_available() -> bool:
+    """Whether mamba-ssm's ``selective_scan_fn`` imports (the ``mamba_ssm`` scan)."""
+    return _mamba_ssm_scan() is not None
+
+
+def one_direction_scan(impl: str, device: Union[str, torch.device] = "cpu") -> Callable:
+    """A one-direction scan with the contract of ``selective_scan_ref``, for tensors on ``device``.
+
+    ``reference``: :func:`selective_scan_ref`; ``train``: :func:`vmq.ops.scan_train.training_scan`
+    (differentiable; the fused CPU kernel when built); ``mamba_ssm``: mamba-ssm's
+    ``selective_scan_fn`` (CUDA), or a VmqError when it is not installed.
+    """
+    if impl == "reference":
+        return selective_scan_ref
+    if impl == "train":
+        return training_scan(device)
+    if impl == "mamba_ssm":
+        scan = _mamba_ssm_scan()
+        if scan is None:
+            raise VmqError("the mamba_ssm scan needs mamba-ssm with its CUDA build (`pip install mamba-ssm`), "
+                           "which does not import here")
+        return scan
+    raise ValueError(f"scan impl must be one of {', '.join(SCAN_IMPLS)}, got {impl!r}")

@@ -1,14 +1,21 @@
-"""A trainable fused CPU selective scan (forward and backward in C++: ``vmq::scan_train_fwd/bwd``).
+"""The trainable one-direction scan: a fused CPU kernel (``vmq::scan_train_fwd/bwd``) or the reference.
 
 Used to train vmq's reference models on a CPU, and by JLSS and the VQ search, where the
-reference time loop's autograd graph is far too slow. It has the exact contract of
-:func:`vmq.ops.scan.selective_scan_ref`, and a test holds the two together (values and
-gradients). It needs the compiled extension ``vmq._C``.
+reference time loop's autograd graph is far too slow. :func:`selective_scan_fused_cpu` has the
+exact contract of :func:`vmq.ops.scan_ref.selective_scan_ref`: softplus, the ``D`` skip and the
+``z`` gate stay in PyTorch autograd around the kernels' core recurrence
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t,      y_t = <h_t, C_t>
+
+on fp32 contiguous tensors, with ``B``, ``C`` token-major (batch, seqlen, d_state). The twins
+:func:`scan_train_fwd_ref` (that recurrence through ``selective_scan_ref``) and
+:func:`scan_train_bwd_ref` (its gradients) define the two ops; tests hold the kernels to them.
+:func:`training_scan` picks the differentiable scan for a device.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +24,67 @@ from torch import Tensor
 from vmq.errors import VmqError
 from vmq.ops import _library
 from vmq.ops.backend import BUILD_FIX, native_status
+from vmq.ops.scan_ref import check_scan_shapes, selective_scan_ref
 
 
 def available() -> bool:
-    return _library.has_kernel("scan_train_fwd", "cpu")
+    return _library.has_kernel("scan_train_fwd", "cpu") and _library.has_kernel("scan_train_bwd", "cpu")
 
 
-def training_scan():
-    """The fused differentiable CPU scan when it is built, else None (callers fall back to the reference)."""
-    return selective_scan_fused_cpu if available() else None
+def training_scan(device: Union[str, torch.device] = "cpu") -> Callable:
+    """The differentiable one-direction scan for ``device`` (contract of ``selective_scan_ref``).
+
+    The fused CPU scan on a CPU when vmq._C is built, else the reference (no CUDA training
+    kernel yet).
+    """
+    if torch.device(device).type == "cpu" and available():
+        return selective_scan_fused_cpu
+    return selective_scan_ref
+
+
+def scan_train_fwd_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """Twin of ``vmq::scan_train_fwd``: the core recurrence, ``B``, ``C`` (batch, seqlen, d_state); y like ``u``."""
+    return selective_scan_ref(u, delta, A, B.transpose(1, 2), C.transpose(1, 2))
+
+
+def scan_train_bwd_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       grad_y: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Twin of ``vmq::scan_train_bwd``: the gradients of :func:`scan_train_fwd_ref` for ``grad_y``.
+
+    Written out rather than taken from autograd, so that it also runs where autograd does not
+    (below the dispatcher's autograd layer, e.g. under a TorchDispatchMode); a test holds it to
+    autograd. With ``a_t = exp(delta_t A)`` and ``h_t = a_t h_{t-1} + delta_t u_t B_t``, a loop
+    back in time carries ``g_t = dL/dh_t = grad_y_t C_t + a_{t+1} g_{t+1}``; then
+    ``dC_t = sum_e grad_y_t h_t``, ``d(delta_t u_t B_t) = g_t`` and ``da_t = g_t h_{t-1}``,
+    through ``a_t = exp(delta_t A)`` to ``delta`` and ``A``. fp32, like the forward twin.
+    """
+    dtypes = [t.dtype for t in (u, delta, A, B, C)]
+    check_scan_shapes(u, delta, A, B.transpose(1, 2), C.transpose(1, 2))
+    u, delta, A, B, C, gy = (t.float() for t in (u, delta, A, B, C, grad_y))
+    seqlen = u.shape[-1]
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, e, l, n)
+    dBu = (delta * u).unsqueeze(-1) * B[:, None]  # (b, e, l, n)
+    h = u.new_zeros(*dA.shape[:2], A.shape[1])
+    hs = []
+    for t in range(seqlen):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        hs.append(h)
+    g = torch.zeros_like(h)
+    gs: list = [None] * seqlen
+    for t in reversed(range(seqlen)):
+        g = gy[:, :, t, None] * C[:, None, t] + g  # g arrives as a_{t+1} g_{t+1}
+        gs[t] = g
+        g = dA[:, :, t] * g
+    H, G = torch.stack(hs, dim=2), torch.stack(gs, dim=2)  # (b, e, l, n)
+    H_prev = torch.cat((torch.zeros_like(H[:, :, :1]), H[:, :, :-1]), dim=2)
+    g_logit = G * H_prev * dA  # dL / d(delta_t A)
+    g_bu = (G * B[:, None]).sum(-1)  # dL / d(delta_t u_t), (b, e, l)
+    grads = (g_bu * delta,
+             (g_logit * A[:, None, :]).sum(-1) + g_bu * u,
+             (g_logit * delta.unsqueeze(-1)).sum((0, 2)),
+             torch.einsum("beln,bel->bln", G, delta * u),
+             torch.einsum("bel,beln->bln", gy, H))
+    return tuple(t.to(dtype) for t, dtype in zip(grads, dtypes))
 
 
 class _FusedScan(torch.autograd.Function):

@@ -1,34 +1,16 @@
-"""The packed file: one safetensors file that rebuilds a quantized model on its own.
+"""The packed file: one safetensors file that rebuilds a compressed model on its own.
 
-Tensors (compressed-tensors naming), for each quantized layer ``<layer>``:
+For each runtime layer ``<layer>`` (:mod:`vmq.layers`), its kind's tensors under
+``<layer>.<name>`` (compressed-tensors naming: ``weight``, ``weight_packed``, ``weight_scale``,
+``input_scale``, ``weight_codes``, ... as each kind documents) and ``<layer>.weight_shape``, int64
+(2,), the (out, in) shape of the linear layer it replaces. Every other tensor of the model is
+stored under its own name (norm weights already hold folded smoothing scales).
+``__metadata__["vmq"]`` is a JSON string: ``format``, ``format_version``, ``vmq_version``,
+``model`` (registered name, family and full config), ``recipe`` (resolved), ``layers`` (each
+layer's ``kind`` and spec) and ``results`` (what the command measured).
 
-==========================  ======================================================================
-``<layer>.weight``          int8 (N, K), 8-bit weights
-``<layer>.weight_packed``   uint8, 2..7-bit weights bit-packed row-major (:mod:`vmq.pack.bits`)
-``<layer>.weight_shape``    int64 (2,), the unpacked shape (N, K)
-``<layer>.weight_scale``    fp32 (N,) per channel or (1,) per tensor
-``<layer>.input_scale``     fp32 (T,) per token position or (1,) per tensor (static activations)
-``<layer>.input_zero_point``  int32, shaped as ``input_scale``
-``<layer>.smooth_scale``    fp32 (K,), only where smoothing was not folded into the previous op
-``<layer>.bias``            fp32 (N,), when the layer has one
-==========================  ======================================================================
-
-Vector-quantized layers (``vmq vq``):
-
-==========================  ======================================================================
-``<layer>.weight_codes``    uint8, the (N, ceil(K_in / d)) codebook indices bit-packed row-major,
-                            log2(size) bits each (:func:`vmq.pack.bits.pack_unsigned`)
-``<layer>.weight_shape``    int64 (2,), the weight's shape (N, K_in)
-``<layer>.weight_codebook`` fp16 (G, size, d), one codebook per group of output rows
-``<layer>.weight_scale``    fp16 (N,), per-row scale, when the recipe asked for one
-``<layer>.input_scale``, ``<layer>.input_zero_point``, ``<layer>.bias``: as above
-==========================  ======================================================================
-
-Every other tensor of the model is stored under its own name (norm weights already hold folded
-smoothing scales). ``__metadata__["vmq"]`` is a JSON string: ``format``, ``format_version``,
-``vmq_version``, ``model`` (registered name and full config), ``recipe`` (resolved),
-``layers`` (per-layer scheme; ``kind`` is ``int`` or ``vq``) and ``results`` (what the command
-measured).
+The container knows no layer's internals: the kind recorded for a layer picks its class in
+:data:`vmq.layers.KINDS`, which rebuilds it from its spec and tensors.
 """
 
 from __future__ import annotations
@@ -37,11 +19,18 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from vmq import __version__
 from vmq.errors import VmqError
-from vmq.pack.bits import pack_signed, pack_unsigned, packed_nbytes, unpack_signed, unpack_unsigned
+from vmq.fileio import atomic_path
+from vmq.layers import KINDS, runtime_layers
+from vmq.models import entry_for, family_of, model_names
+from vmq.modules import set_module
 
 FORMAT = "vmq.packed"
 FORMAT_VERSION = 1
@@ -49,8 +38,6 @@ FORMAT_VERSION = 1
 
 def read_metadata(path: Union[str, Path]) -> Optional[dict]:
     """The vmq metadata of a safetensors file, or None when it is not a vmq packed file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("vmq")
@@ -72,53 +59,30 @@ def is_packed(path: Union[str, Path]) -> bool:
 
 
 def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results: Optional[dict] = None) -> None:
-    """Write ``model`` (with :class:`QuantizedLinear` layers) atomically to ``path``."""
-    from safetensors.torch import save_file
-
-    import vmq
-    from vmq.fileio import atomic_path
-    from vmq.quant.qlinear import QuantizedLinear
-
-    from vmq.models import model_names
-
-    from vmq.vq.qlinear import VQLinear
-
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, VQLinear))}
+    """Write ``model`` (with runtime layers) atomically to ``path``."""
+    quantized = dict(runtime_layers(model))
     if not quantized:
         raise VmqError("the model has no quantized layer to pack")
     if getattr(model, "vmq_name", None) not in model_names():
         raise VmqError("the model has no registered name (model.vmq_name); a packed file must name its model")
+    family = family_of(model)
     tensors: Dict[str, torch.Tensor] = {}
     prefixes = tuple(f"{n}." for n in quantized)
     for key, value in model.state_dict().items():
         if not key.startswith(prefixes):
-            tensors[key] = value.detach().contiguous()
+            tensors[key] = value.detach().cpu().contiguous()
     layers = {}
     for name, q in quantized.items():
-        if isinstance(q, VQLinear):
-            tensors[f"{name}.weight_codes"] = pack_unsigned(q.weight_codes, q.code_bits)
-            tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
-            attrs = ("weight_codebook", "weight_scale", "input_scale", "input_zero_point", "bias")
-            layers[name] = {"kind": "vq", "dim": q.dim, "size": q.size, "rows_per_group": q.rows_per_group,
-                            "row_scale": q.weight_scale is not None, "a_bits": q.a_bits, "a_strategy": q.a_strategy}
-        else:
-            if q.w_bits == 8:
-                tensors[f"{name}.weight"] = q.weight.contiguous()
-            else:
-                tensors[f"{name}.weight_packed"] = pack_signed(q.weight, q.w_bits)
-            tensors[f"{name}.weight_shape"] = torch.tensor(list(q.weight.shape), dtype=torch.int64)
-            attrs = ("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias")
-            layers[name] = {"kind": "int", "w_bits": q.w_bits, "w_strategy": q.w_strategy, "a_bits": q.a_bits,
-                            "a_strategy": q.a_strategy}
-        for attr in attrs:
-            t = getattr(q, attr)
-            if t is not None:
-                tensors[f"{name}.{attr}"] = t.detach().contiguous()
+        for key, t in q.packed_tensors().items():
+            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
+        layers[name] = {"kind": q.kind, **q.spec()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "vmq_version": vmq.__version__,
-        "model": {"name": getattr(model, "vmq_name", None), "config": model.cfg.to_dict()},
+        "vmq_version": __version__,
+        "model": {"name": model.vmq_name, "family": family.name,
+                  "config": family.config_to_dict(family.config_of(model))},
         "recipe": recipe,
         "layers": layers,
         "results": results or {},
@@ -128,12 +92,7 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
 
 
 def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
-    """Rebuild the quantized model from a packed file alone; returns ``(model, metadata)``."""
-    from safetensors import safe_open
-
-    from vmq.models import VimConfig, config_for
-    from vmq.quant.ptq import set_module
-
+    """Rebuild the compressed model from a packed file alone; returns ``(model, metadata)``."""
     path = Path(path)
     if not path.is_file():
         raise VmqError(f"packed file not found: {path}")
@@ -148,45 +107,24 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise VmqError(f"cannot read {path}: {type(exc).__name__}") from None
-
-    import timm
-
     try:
         name = meta["model"]["name"]
-        stored = VimConfig.from_dict(meta["model"]["config"])
-        base = config_for(name).to_dict()
-        overrides = {k: v for k, v in stored.to_dict().items() if base.get(k) != v}
+        entry = entry_for(name)
+        family = entry.family
+        if meta["model"].get("family", family.name) != family.name:
+            raise VmqError(f"{name} is a {family.name} model, the file says {meta['model']['family']}")
+        stored = family.config_to_dict(family.config_from_dict(meta["model"]["config"]))
+        base = family.config_to_dict(entry.config)
+        overrides = {k: v for k, v in stored.items() if base.get(k) != v}
         model = timm.create_model(name, pretrained=False, **overrides)
         layer_specs = dict(meta["layers"])
     except VmqError as exc:
         raise VmqError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VmqError(f"{path}: broken vmq metadata ({type(exc).__name__}: {exc})".splitlines()[0]) from None
-    model.vmq_name = name
     modules = dict(model.named_modules())
     for lname, spec in layer_specs.items():
-        target = modules.get(lname)
-        if not isinstance(target, nn.Linear):
-            raise VmqError(f"{path}: {name} has no linear layer {lname}")
-        try:
-            shape = tuple(int(v) for v in tensors.pop(f"{lname}.weight_shape").tolist())
-            if shape != (target.out_features, target.in_features):
-                raise VmqError(f"{path}: {lname} is {shape} in the file but {name} has "
-                               f"{(target.out_features, target.in_features)}")
-            kind = spec.get("kind", "int")
-            if kind == "vq":
-                q = _load_vq_layer(path, lname, spec, shape, tensors)
-            elif kind == "int":
-                q = _load_int_layer(path, lname, spec, shape, tensors)
-            else:
-                raise VmqError(f"{path}: layer {lname} has unknown kind {kind!r}")
-        except KeyError as exc:
-            what = exc.args[0]
-            raise VmqError(f"{path}: quantized layer {lname} lacks "
-                           f"{'tensor' if str(what).startswith(lname) else 'metadata key'} {what}") from None
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise VmqError(f"{path}: quantized layer {lname}: {exc}".splitlines()[0]) from None
-        set_module(model, lname, q)
+        set_module(model, lname, _load_layer(path, name, lname, spec, modules.get(lname), tensors))
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:
@@ -198,45 +136,51 @@ def load_packed(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def _load_int_layer(path, lname: str, spec: dict, shape, tensors: dict):
-    from vmq.quant.qlinear import QuantizedLinear
+def _load_layer(path: Path, model_name: str, lname: str, spec: dict, target: Optional[nn.Module], tensors: dict):
+    """The runtime layer ``lname`` rebuilt from ``spec`` and its tensors (popped from ``tensors``)."""
+    if not isinstance(target, nn.Linear):
+        raise VmqError(f"{path}: {model_name} has no linear layer {lname}")
+    kind = spec.get("kind", "int") if isinstance(spec, dict) else None
+    if kind not in KINDS:
+        raise VmqError(f"{path}: layer {lname} has unknown kind {kind!r} (this vmq knows {', '.join(KINDS)})")
+    prefix = f"{lname}."
+    local = _Named(f"tensor {prefix}", {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    spec = _Named("metadata key ", spec)
+    try:
+        shape = tuple(int(v) for v in local.pop("weight_shape").tolist())
+        if shape != (target.out_features, target.in_features):
+            raise VmqError(f"{path}: {lname} is {shape} in the file but {model_name} has "
+                           f"{(target.out_features, target.in_features)}")
+        layer = KINDS[kind].from_packed(spec, local, shape)
+    except _Missing as exc:
+        raise VmqError(f"{path}: quantized layer {lname} lacks {exc.args[0]}") from None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise VmqError(f"{path}: quantized layer {lname}: {exc}".splitlines()[0]) from None
+    for k in [k for k in tensors if k.startswith(prefix)]:
+        del tensors[k]
+    return layer
 
-    if spec["w_bits"] == 8:
-        w = tensors.pop(f"{lname}.weight")
-    else:
-        packed = tensors.pop(f"{lname}.weight_packed")
-        numel = shape[0] * shape[1]
-        if packed.numel() != packed_nbytes(numel, spec["w_bits"]):
-            raise VmqError(f"{path}: {lname}.weight_packed has {packed.numel()} bytes, expected "
-                           f"{packed_nbytes(numel, spec['w_bits'])}")
-        w = unpack_signed(packed, spec["w_bits"], numel).reshape(shape)
-    return QuantizedLinear(w, tensors.pop(f"{lname}.weight_scale"), spec["w_bits"], spec["w_strategy"],
-                           spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
-                           tensors.pop(f"{lname}.input_zero_point", None),
-                           tensors.pop(f"{lname}.smooth_scale", None), tensors.pop(f"{lname}.bias", None))
+
+class _Missing(KeyError):
+    pass
 
 
-def _load_vq_layer(path, lname: str, spec: dict, shape, tensors: dict):
-    from vmq.vq.qlinear import VQLinear
+class _Named(dict):
+    """A dict whose missing keys raise :class:`_Missing` naming what is missing."""
 
-    size, dim = int(spec["size"]), int(spec["dim"])
-    if size < 2 or size & (size - 1) or dim < 1:
-        raise VmqError(f"{path}: {lname} has an impossible codebook (size {size}, dim {dim})")
-    bits = size.bit_length() - 1
-    cols = -(-shape[1] // dim)
-    numel = shape[0] * cols
-    packed = tensors.pop(f"{lname}.weight_codes")
-    if packed.numel() != packed_nbytes(numel, bits):
-        raise VmqError(f"{path}: {lname}.weight_codes has {packed.numel()} bytes, expected "
-                       f"{packed_nbytes(numel, bits)}")
-    codes = unpack_unsigned(packed, bits, numel).reshape(shape[0], cols)
-    codebook = tensors.pop(f"{lname}.weight_codebook")
-    if codebook.dim() != 3 or tuple(codebook.shape[1:]) != (size, dim):
-        raise VmqError(f"{path}: {lname}.weight_codebook is {tuple(codebook.shape)}, expected (G, {size}, {dim})")
-    scale = tensors.pop(f"{lname}.weight_scale") if spec.get("row_scale") else None
-    return VQLinear(codes, codebook, shape[1], spec["rows_per_group"], scale, tensors.pop(f"{lname}.bias", None),
-                    spec["a_bits"], spec["a_strategy"], tensors.pop(f"{lname}.input_scale", None),
-                    tensors.pop(f"{lname}.input_zero_point", None))
+    def __init__(self, label: str, items: dict):
+        super().__init__(items)
+        self.label = label
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise _Missing(f"{self.label}{key}")
+        return super().__getitem__(key)
+
+    def pop(self, key, *default):
+        if key not in self and not default:
+            raise _Missing(f"{self.label}{key}")
+        return super().pop(key, *default)
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_packed", "load_packed", "read_metadata", "is_packed"]

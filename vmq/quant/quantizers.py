@@ -20,6 +20,9 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from vmq.errors import VmqError
+from vmq.ops.quantize import range_to_qparams
+
 Granularity = Literal["token_static", "tensor_static", "token_dynamic"]
 WeightStrategy = Literal["channel", "tensor"]
 
@@ -55,14 +58,15 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int
 class WeightQuantizer(nn.Module):
     """Symmetric weight quantizer with a learnable step size per output channel (or one per tensor)."""
 
-    def __init__(self, out_features: int, bits: int, strategy: WeightStrategy = "channel"):
+    def __init__(self, out_features: int, bits: int, strategy: WeightStrategy = "channel",
+                 device: Optional[torch.device] = None):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"weight bits must be 2..8, got {bits}")
         if strategy not in ("channel", "tensor"):
             raise ValueError(f"weight strategy must be channel or tensor, got {strategy!r}")
         self.bits, self.strategy = bits, strategy
-        self.scale = nn.Parameter(torch.ones(out_features if strategy == "channel" else 1, 1))
+        self.scale = nn.Parameter(torch.ones(out_features if strategy == "channel" else 1, 1, device=device))
 
     @property
     def qmax(self) -> int:
@@ -91,20 +95,21 @@ class ActQuantizer(nn.Module):
     ``tensor_static``: one of each. ``token_dynamic``: min/max of each token at run time.
     """
 
-    def __init__(self, bits: int, granularity: Granularity, num_tokens: Optional[int] = None):
+    def __init__(self, bits: int, granularity: Granularity, tokens: Optional[int] = None,
+                 device: Optional[torch.device] = None):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"activation bits must be 2..8, got {bits}")
         if granularity not in ("token_static", "tensor_static", "token_dynamic"):
             raise ValueError(f"unknown activation granularity {granularity!r}")
-        if granularity == "token_static" and not num_tokens:
+        if granularity == "token_static" and not tokens:
             raise ValueError("token_static needs the number of token positions")
         self.bits, self.granularity = bits, granularity
-        n = num_tokens if granularity == "token_static" else 1
-        self.num_tokens = num_tokens
+        n = tokens if granularity == "token_static" else 1
+        self.tokens = tokens
         if granularity != "token_dynamic":
-            self.scale = nn.Parameter(torch.ones(n, 1))
-            self.register_buffer("zero_point", torch.zeros(n, 1))
+            self.scale = nn.Parameter(torch.ones(n, 1, device=device))
+            self.register_buffer("zero_point", torch.zeros(n, 1, device=device))
 
     @property
     def qmax(self) -> int:
@@ -122,18 +127,8 @@ class ActQuantizer(nn.Module):
             lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
             scale, zp = range_to_qparams(lo, hi, self.bits)
             return fake_quant(x, scale, zp, 0, self.qmax)
-        if self.granularity == "token_static" and x.shape[-2] != self.num_tokens:
-            raise ValueError(f"per-token static quantizer calibrated for {self.num_tokens} tokens got {x.shape[-2]}")
+        if self.granularity == "token_static" and x.shape[-2] != self.tokens:
+            raise VmqError(f"per-token static quantizer calibrated for {self.tokens} tokens got {x.shape[-2]}")
         per_step = x[..., 0, :].numel() if self.granularity == "token_static" else x.numel()
         s = grad_scale(self.scale, 1.0 / math.sqrt(per_step * self.qmax)) if self.training else self.scale
         return fake_quant(x, s, self.zero_point, 0, self.qmax)
-
-
-def range_to_qparams(lo: Tensor, hi: Tensor, bits: int, eps: float = 1e-8):
-    """Asymmetric (scale, integer zero point) covering [lo, hi] (the range is widened to include 0)."""
-    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
-    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
-    qmax = act_qmax(bits)
-    scale = torch.clamp((hi - lo) / qmax, min=eps)
-    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zp

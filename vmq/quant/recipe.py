@@ -3,8 +3,8 @@
 Grammar (llm-compressor style: one stage with ``targets``, ``ignore`` and ``scheme``)::
 
     quantization:
-      method: ptq4vm            # rtn | smoothquant | pts | ptq4vm
-      targets: ["re:layers\\.\\d+\\.mixer\\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
+      method: ptq4vm            # a registered method: rtn | smoothquant | pts | ptq4vm
+      targets: null             # exact names or re: patterns; null: the model family's default targets
       ignore: []                # exact names or re: patterns
       scheme:                   # or a preset string: W8A8, W6A6, W4A8, W4A16
         weights: {num_bits: 4, strategy: channel}
@@ -27,15 +27,12 @@ ptq4vm        yes        yes         yes
 
 from __future__ import annotations
 
-import re
-from typing import List, Literal, Optional
+from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from vmq.recipe import Recipe, StrictModel
+from vmq.recipe import ActivationScheme, Recipe, StageSpec, StrictModel
 
-METHODS = ("rtn", "smoothquant", "pts", "ptq4vm")
-DEFAULT_TARGETS = [r"re:layers\.\d+\.mixer\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
 PRESETS = {
     "W8A8": (8, 8),
     "W6A6": (6, 6),
@@ -45,27 +42,9 @@ PRESETS = {
 }
 
 
-def check_layer_patterns(v: List[str]) -> List[str]:
-    """``targets`` / ``ignore`` entries: exact layer names or ``re:`` regular expressions."""
-    for item in v:
-        if not item.strip():
-            raise ValueError("empty layer name")
-        if item.startswith("re:"):
-            try:
-                re.compile(item[3:])
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
-    return v
-
-
 class WeightScheme(StrictModel):
     num_bits: int = Field(8, ge=2, le=8, description="bits per weight (symmetric integers)")
     strategy: Literal["channel", "tensor"] = "channel"
-
-
-class ActivationScheme(StrictModel):
-    num_bits: int = Field(8, ge=2, le=8, description="bits per activation (asymmetric unsigned integers)")
-    strategy: Literal["token_static", "tensor_static", "token_dynamic"] = "token_static"
 
 
 class Scheme(StrictModel):
@@ -97,10 +76,8 @@ class JLSS(StrictModel):
         "mse", description="block-output loss: 1 - cosine per token (PTQ4VM), relative MSE, or their sum")
 
 
-class QuantizationStage(StrictModel):
-    method: Literal["rtn", "smoothquant", "pts", "ptq4vm"] = "ptq4vm"
-    targets: List[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    ignore: List[str] = Field(default_factory=list)
+class QuantizationStage(StageSpec):
+    method: str = Field("ptq4vm", description="a registered PTQ method: rtn, smoothquant, pts, ptq4vm")
     scheme: Scheme = Scheme()
     smoothing: Smoothing = Smoothing()
     truncation: Truncation = Truncation()
@@ -117,28 +94,6 @@ class QuantizationStage(StrictModel):
             return {"weights": {"num_bits": w}, "input_activations": None if a is None else {"num_bits": a}}
         return v
 
-    _patterns = field_validator("targets", "ignore")(check_layer_patterns)
-
-    @model_validator(mode="after")
-    def _coherent(self):
-        acts = self.scheme.input_activations
-        if self.method in ("smoothquant", "pts", "ptq4vm") and acts is None:
-            raise ValueError(f"method {self.method} smooths activations into weights; it needs "
-                             "scheme.input_activations (use method rtn for weight-only quantization)")
-        return self
-
-    @property
-    def smooths(self) -> bool:
-        return self.method != "rtn"
-
-    @property
-    def truncates(self) -> bool:
-        return self.method in ("pts", "ptq4vm")
-
-    @property
-    def learns(self) -> bool:
-        return self.method == "ptq4vm"
-
 
 class QuantRecipe(Recipe):
     quantization: QuantizationStage = QuantizationStage()
@@ -151,4 +106,4 @@ def scheme_label(stage: QuantizationStage) -> str:
 
 
 __all__ = ["QuantRecipe", "QuantizationStage", "Scheme", "WeightScheme", "ActivationScheme", "Smoothing",
-           "Truncation", "JLSS", "check_layer_patterns", "METHODS", "PRESETS", "DEFAULT_TARGETS", "scheme_label"]
+           "Truncation", "JLSS", "PRESETS", "scheme_label"]

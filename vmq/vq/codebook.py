@@ -60,9 +60,9 @@ class Layout:
         """(N * cols, d) -> (N, K_in), dropping the padding."""
         return v.reshape(self.out_features, self.cols * self.dim)[:, : self.in_features]
 
-    def group_of(self) -> Tensor:
+    def group_of(self, device: torch.device) -> Tensor:
         """The codebook group of every sub-vector, (N * cols,) int64."""
-        rows = torch.arange(self.out_features) // self.rows_per_group
+        rows = torch.arange(self.out_features, device=device) // self.rows_per_group
         return rows.repeat_interleave(self.cols)
 
     def group_slices(self):
@@ -78,16 +78,17 @@ def row_scales(weight: Tensor) -> Tensor:
     return rms.clamp(min=1e-6).half().float().clamp(min=torch.finfo(torch.float16).tiny)
 
 
-def importance(layout: Layout, second_moment: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+def importance(layout: Layout, second_moment: Optional[Tensor], scale: Optional[Tensor],
+               device: torch.device) -> Tensor:
     """Per-coordinate k-means weights (N * cols, d): E[x_c^2] of the coordinate's input channel
     (ones when None) times its row's scale squared; zero on padding."""
-    h = torch.ones(layout.in_features) if second_moment is None else second_moment.float().clamp(min=0)
+    h = torch.ones(layout.in_features, device=device) if second_moment is None else second_moment.float().clamp(min=0)
     if second_moment is not None and h.shape != (layout.in_features,):
         raise ValueError(f"second moment must be ({layout.in_features},), got {tuple(h.shape)}")
     h = h / h.mean().clamp(min=1e-12)  # scale-free
     h = torch.nn.functional.pad(h, (0, layout.cols * layout.dim - layout.in_features)).reshape(1, layout.cols,
                                                                                                 layout.dim)
-    rows = torch.ones(layout.out_features) if scale is None else scale.float() ** 2
+    rows = torch.ones(layout.out_features, device=device) if scale is None else scale.float() ** 2
     return (rows[:, None, None] * h).reshape(layout.num_subvectors, layout.dim)
 
 
@@ -108,9 +109,9 @@ def init_codebook(name: str, weight: Tensor, cfg: Codebook, iterations: int,
                        f"(weight {tuple(w.shape)}); use a smaller codebook or more rows per group")
     scale = row_scales(w) if cfg.row_scale else None
     vectors = layout.split(w if scale is None else w / scale[:, None])
-    imp = importance(layout, second_moment, scale)
-    codebook = torch.empty(layout.groups, cfg.size, cfg.dim)
-    codes = torch.empty(layout.num_subvectors, dtype=torch.int64)
+    imp = importance(layout, second_moment, scale, w.device)
+    codebook = torch.empty(layout.groups, cfg.size, cfg.dim, device=w.device)
+    codes = torch.empty(layout.num_subvectors, dtype=torch.int64, device=w.device)
     for g, sl in layout.group_slices():
         codebook[g], codes[sl] = kmeans(vectors[sl], cfg.size, iterations, imp[sl], seed=seed + g)
     return layout, codebook, codes, scale, imp

@@ -25,7 +25,7 @@ from vmq.ops.kmeans import nearest_k
 from vmq.quant.quantizers import ActQuantizer
 from vmq.quant.recipe import ActivationScheme
 from vmq.vq.codebook import Layout
-from vmq.vq.qlinear import VQLinear
+from vmq.layers import VQLinear
 
 FIT_STEPS = 100
 FIT_LR = 0.1
@@ -44,16 +44,17 @@ class ConvexVQLinear(nn.Module):
     """A linear layer with VQ weights that can be soft (convex combinations) while it learns."""
 
     def __init__(self, linear: nn.Linear, layout: Layout, codebook: Tensor, codes: Tensor, scale: Optional[Tensor],
-                 importance: Tensor, act: Optional[ActivationScheme] = None, num_tokens: Optional[int] = None):
+                 importance: Tensor, act: Optional[ActivationScheme] = None, tokens: Optional[int] = None):
         super().__init__()
         self.layout = layout
         groups, size, dim = codebook.shape
         self.size = size
         self.codebook = nn.Parameter(codebook.reshape(groups * size, dim).clone(), requires_grad=False)
-        base = layout.group_of() * size
+        device = codebook.device
+        base = layout.group_of(device) * size
         self.register_buffer("base", base)
         self.register_buffer("code", base + codes)  # flat index into the codebook
-        self.register_buffer("confirmed", torch.ones(layout.num_subvectors, dtype=torch.bool))
+        self.register_buffer("confirmed", torch.ones(layout.num_subvectors, dtype=torch.bool, device=device))
         self.register_buffer("scale", scale)
         self.register_buffer("importance", importance)
         w = linear.weight.detach().float()
@@ -62,7 +63,7 @@ class ConvexVQLinear(nn.Module):
         self.register_buffer("vectors", layout.split(w if scale is None else w / scale[:, None]))
         self.candidates: Optional[Tensor] = None
         self.logits: Optional[nn.Parameter] = None
-        self.a_quant = None if act is None else ActQuantizer(act.num_bits, act.strategy, num_tokens)
+        self.a_quant = None if act is None else ActQuantizer(act.num_bits, act.strategy, tokens, device=device)
         self.act = act
 
     # -- the weight ---------------------------------------------------------------------------
@@ -91,8 +92,8 @@ class ConvexVQLinear(nn.Module):
     def start_search(self, candidates: int) -> None:
         """Make every sub-vector soft over its ``candidates`` nearest codewords (of its own group)."""
         n, k = self.layout.num_subvectors, candidates
-        cand = torch.empty(n, k, dtype=torch.int64)
-        dist = torch.empty(n, k)
+        cand = torch.empty(n, k, dtype=torch.int64, device=self.vectors.device)
+        dist = torch.empty(n, k, device=self.vectors.device)
         for g, sl in self.layout.group_slices():
             local = self.codebook.detach()[g * self.size:(g + 1) * self.size]
             i, d = nearest_k(self.vectors[sl], local, k, self.importance[sl])

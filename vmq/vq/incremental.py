@@ -11,12 +11,13 @@ share of iterations tunes the codebooks alone with these codes.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
-from vmq.quant.jlss import LOSSES, batch_indices, block_loss
+from vmq.models.family import BlockIO, ModelFamily
+from vmq.optimise import LOSSES, BlockTrainer, block_loss
 from vmq.vq.convex import ConvexVQLinear, learnable
 from vmq.vq.recipe import Search
 
@@ -38,43 +39,22 @@ def confirm(layers: Dict[str, ConvexVQLinear], fraction: float) -> None:
         q.confirm_indices(torch.topk(conf, need).indices)
 
 
-def search_block(block: nn.Module, inputs: Tuple[Tensor, Optional[Tensor]], target: Tensor,
-                 layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float],
-                 seed: int = 0) -> float:
+def search_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor,
+                 layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float], seed: int = 0) -> float:
     """Run the staged search in place; returns the block loss with the k-means codes (before it)."""
     loss_fn = LOSSES[cfg.loss]
-    before = block_loss(block, inputs, target, loss_fn, cfg.batch_size)
+    before = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size)
     for q in layers.values():
         q.start_search(cfg.candidates)
     logits, codebooks = learnable(layers)
-    hidden, residual = inputs
-    n = hidden.shape[0]
-    batches = batch_indices(n, cfg.batch_size, torch.Generator().manual_seed(seed))
-    saved = {p: p.requires_grad for p in block.parameters()}
-    try:
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for p in logits + codebooks:
-            p.requires_grad_(True)
+    with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, logits + codebooks) as trainer:
         opt = torch.optim.Adam([{"params": logits, "lr": cfg.lr_logits},
                                 {"params": codebooks, "lr": cfg.lr_codebook}])
-        lengths = stage_lengths(cfg.iterations, len(schedule) + 1)
-        with torch.enable_grad():
-            for stage, steps in enumerate(lengths):
-                for _ in range(steps):
-                    idx = next(batches)
-                    out, _ = block(hidden[idx], None if residual is None else residual[idx])
-                    loss = loss_fn(out, target[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                if stage < len(schedule):
-                    confirm(layers, schedule[stage])
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        for p in logits + codebooks:
-            p.requires_grad_(False)
+        for stage, steps in enumerate(stage_lengths(cfg.iterations, len(schedule) + 1)):
+            for _ in range(steps):
+                trainer.step(opt)
+            if stage < len(schedule):
+                confirm(layers, schedule[stage])
     return before
 
 

@@ -3,8 +3,8 @@
 Grammar (one stage with ``targets``, ``ignore``, as in the PTQ recipe)::
 
     vq:
-      method: vimvq             # kmeans | vimvq
-      targets: ["re:layers\\.\\d+\\.mixer\\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]
+      method: vimvq             # a registered method: kmeans | vimvq
+      targets: null             # exact names or re: patterns; null: the model family's default targets
       ignore: []
       codebook: {dim: 2, size: 16, rows_per_group: null, row_scale: false}
       kmeans: {iterations: 50, importance: true}
@@ -32,10 +32,8 @@ from typing import List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from vmq.quant.recipe import DEFAULT_TARGETS, ActivationScheme, check_layer_patterns
-from vmq.recipe import Recipe, StrictModel
+from vmq.recipe import ActivationScheme, Recipe, StageSpec, StrictModel
 
-METHODS = ("kmeans", "vimvq")
 MAX_CODE_BITS = 16
 
 
@@ -98,17 +96,13 @@ class Confirm(StrictModel):
         return v
 
 
-class VQStage(StrictModel):
-    method: Literal["kmeans", "vimvq"] = "vimvq"
-    targets: List[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    ignore: List[str] = Field(default_factory=list)
+class VQStage(StageSpec):
+    method: str = Field("vimvq", description="a registered VQ method: kmeans, vimvq")
     codebook: Codebook = Codebook()
     kmeans: KMeans = KMeans()
     search: Search = Search()
     confirm: Confirm = Confirm()
     input_activations: Optional[ActivationScheme] = None
-
-    _patterns = field_validator("targets", "ignore")(check_layer_patterns)
 
     @model_validator(mode="after")
     def _coherent(self):
@@ -119,14 +113,7 @@ class VQStage(StrictModel):
         if self.search.candidates > self.codebook.size:
             raise ValueError(f"search.candidates ({self.search.candidates}) exceeds codebook.size "
                              f"({self.codebook.size})")
-        if self.method == "vimvq" and self.search.iterations < len(self.confirm.schedule) + 1:
-            raise ValueError(f"search.iterations ({self.search.iterations}) must be at least the number of "
-                             f"confirmation stages plus one ({len(self.confirm.schedule) + 1})")
         return self
-
-    @property
-    def learns(self) -> bool:
-        return self.method == "vimvq"
 
 
 class VQRecipe(Recipe):
@@ -142,4 +129,4 @@ def vq_label(stage: VQStage) -> str:
     return f"{b}-d{cb.dim}k{cb.size}" + (f"-a{a.num_bits}" if a else "")
 
 
-__all__ = ["VQRecipe", "VQStage", "Codebook", "KMeans", "Search", "Confirm", "METHODS", "vq_label"]
+__all__ = ["VQRecipe", "VQStage", "Codebook", "KMeans", "Search", "Confirm", "vq_label"]

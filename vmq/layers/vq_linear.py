@@ -1,25 +1,36 @@
-"""The frozen VQ linear layer: codes, fp16 codebooks, optional fp16 row scales and static activations.
+"""The vector-quantized linear layer: codes, fp16 codebooks, optional fp16 row scales and static activations.
 
-What ``vmq vq`` produces and a packed file loads into. The product is
-:func:`vmq.ops.linear.vq_linear` (the ``vmq::vq_linear`` kernel, which decodes the weight from
-its codes, or its twin ``vq_linear_ref``), chosen by the layer's ``backend``; with quantized
-activations the input first goes through :func:`vmq.ops.quantize.quantize_per_token` and back
-(the weights are not integers, so the product runs on the dequantized activations).
+What ``vmq vq`` freezes its layers into and what a packed file of kind ``vq`` loads into. The
+product is :func:`vmq.ops.linear.vq_linear_ref` on the decoded weight; the kernel for it is
+chosen in :func:`vmq.ops.vq_kernels.vq_layer_forward`.
+
+Packed tensors (relative to the layer):
+
+==========================  ======================================================================
+``weight_codes``            uint8, the (N, ceil(K_in / d)) codebook indices bit-packed row-major,
+                            log2(size) bits each (:func:`vmq.pack.bits.pack_unsigned`)
+``weight_codebook``         fp16 (G, size, d), one codebook per group of output rows
+``weight_scale``            fp16 (N,), per-row scale, when the recipe asked for one
+``input_scale``, ``input_zero_point``, ``bias``: as for the integer layer
+==========================  ======================================================================
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vmq.errors import VmqError
-from vmq.ops.linear import vq_dequantize_ref, vq_linear
-from vmq.ops.quantize import dequantize_per_token_ref, quantize_per_token
+from vmq.layers.base import RuntimeLayer
+from vmq.ops.linear import vq_dequantize_ref
+from vmq.ops.vq_kernels import vq_layer_forward
+from vmq.pack.bits import pack_unsigned, packed_nbytes, unpack_unsigned
 
 
-class VQLinear(nn.Module):
+class VQLinear(RuntimeLayer):
+    kind = "vq"
+
     def __init__(self, codes: Tensor, codebook: Tensor, in_features: int, rows_per_group: Optional[int] = None,
                  weight_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                  a_bits: Optional[int] = None, a_strategy: Optional[str] = None,
@@ -52,7 +63,6 @@ class VQLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if a_bits is None else input_scale.float())
         self.register_buffer("input_zero_point", None if a_bits is None else input_zero_point.to(torch.int32))
-        self.backend = "auto"  # kernel choice (vmq.ops.backend)
         if (cols - 1) * dim >= self.in_features or cols * dim < self.in_features:
             raise ValueError(f"{cols} codes of dim {dim} per row do not cover {self.in_features} inputs")
         if -(-self.out_features // self.rows_per_group) != groups:
@@ -68,16 +78,44 @@ class VQLinear(nn.Module):
                                  self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if self.a_bits is not None:
-            tokens = x.shape[-2]
-            if self.a_strategy == "token_static" and self.input_scale.numel() != tokens:
-                raise VmqError(f"per-token static scales were calibrated for {self.input_scale.numel()} tokens, "
-                               f"the input has {tokens}")
-            scale, zp = self.input_scale.expand(tokens), self.input_zero_point.expand(tokens)
-            x = dequantize_per_token_ref(quantize_per_token(x, scale, zp, self.a_bits, backend=self.backend), scale, zp)
-        return vq_linear(x, self.weight_codes, self.weight_codebook, self.rows_per_group, self.weight_scale,
-                         self.bias, backend=self.backend)
+        return vq_layer_forward(x, self.weight_codes, self.weight_codebook, self.rows_per_group, self.weight_scale,
+                                self.bias, self.a_bits, self.a_strategy, self.input_scale, self.input_zero_point)
+
+    # -- the format -----------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {"dim": self.dim, "size": self.size, "rows_per_group": self.rows_per_group,
+                "row_scale": self.weight_scale is not None, "a_bits": self.a_bits, "a_strategy": self.a_strategy}
+
+    def packed_tensors(self) -> Dict[str, Tensor]:
+        out = {"weight_codes": pack_unsigned(self.weight_codes, self.code_bits)}
+        for name in ("weight_codebook", "weight_scale", "input_scale", "input_zero_point", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = t
+        return out
+
+    @classmethod
+    def from_packed(cls, spec: dict, tensors: Dict[str, Tensor], shape: Tuple[int, int]) -> "VQLinear":
+        size, dim = int(spec["size"]), int(spec["dim"])
+        if size < 2 or size & (size - 1) or dim < 1:
+            raise ValueError(f"impossible codebook (size {size}, dim {dim})")
+        bits = size.bit_length() - 1
+        cols = -(-shape[1] // dim)
+        numel = shape[0] * cols
+        packed = tensors.pop("weight_codes")
+        if packed.numel() != packed_nbytes(numel, bits):
+            raise ValueError(f"weight_codes has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)}")
+        codes = unpack_unsigned(packed, bits, numel).reshape(shape[0], cols)
+        codebook = tensors.pop("weight_codebook")
+        if codebook.dim() != 3 or tuple(codebook.shape[1:]) != (size, dim):
+            raise ValueError(f"weight_codebook is {tuple(codebook.shape)}, expected (G, {size}, {dim})")
+        scale = tensors.pop("weight_scale") if spec.get("row_scale") else None
+        return cls(codes, codebook, shape[1], spec["rows_per_group"], scale, tensors.pop("bias", None),
+                   spec["a_bits"], spec["a_strategy"], tensors.pop("input_scale", None),
+                   tensors.pop("input_zero_point", None))
+
+    def float_weight(self) -> Tensor:
+        return self.dequantized_weight()
 
     def storage_bits(self) -> dict:
         """Bits of codes, codebooks and scales, and the layer's weight count."""

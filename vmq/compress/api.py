@@ -1,0 +1,207 @@
+"""The one-call library entry point: ``vmq.compress(recipe)`` (what ``vmq quantize`` and ``vmq vq`` run).
+
+    result = vmq.compress("configs/w4a8.yaml")           # or a dict, or a parsed recipe
+    result.model                                         # the compressed model (runtime layers)
+    result.results()                                     # accuracy, agreement, per-layer reports
+    result.save("w4a8.safetensors")                      # packed file + resolved recipe beside it
+
+The recipe's stage (``quantization:`` or ``vq:``) picks a registered method
+(:mod:`vmq.compress.methods`). Model, calibration images and calibration statistics come from
+the recipe unless given; the device is ``device``, else the recipe's. Grad mode and random
+state are handled inside: nothing global is changed.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from vmq.calib import CalibStats, collect_stats
+from vmq.compress.engine import compress_model
+from vmq.compress.methods import Method, method_for
+from vmq.data import calibration_images, eval_loader
+from vmq.errors import VmqError
+from vmq.evaluate import evaluate
+from vmq.fileio import atomic_path
+from vmq.metrics import agreement
+from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model, family_of
+from vmq.pack.format import is_packed, save_packed
+from vmq.quant.recipe import QuantRecipe
+from vmq.recipe import DEVICE, Recipe, dump_recipe, load_recipe, parse_recipe
+from vmq.vq.recipe import VQRecipe
+
+#: ``progress(description, total)``: a context manager yielding ``update(done, total)``
+Progress = Callable[[str, Optional[int]], ContextManager[Callable[..., None]]]
+
+
+@contextmanager
+def no_progress(description: str, total: Optional[int]) -> Iterator[Callable[..., None]]:
+    yield lambda *args: None
+
+
+def read_recipe(recipe: Union[Recipe, dict, str, Path, None], overrides: Sequence[str] = (),
+                kind: Optional[str] = None) -> Recipe:
+    """A validated recipe from a parsed one, a mapping or a YAML path; ``kind`` ("quantization" or
+    "vq") when the caller knows it, else the mapping's stage key decides (``quantization`` by default)."""
+    if isinstance(recipe, Recipe):
+        return recipe.model_copy(deep=True)  # resolving fills it in: the caller's stays as it was
+    schema = {"quantization": QuantRecipe, "vq": VQRecipe}
+    if isinstance(recipe, dict):
+        kind = kind or ("vq" if "vq" in recipe else "quantization")
+        return parse_recipe(dict(recipe), schema[kind], overrides)
+    return load_recipe(recipe, schema[kind or _kind_of_file(recipe)], overrides)
+
+
+def _kind_of_file(path: Union[str, Path, None]) -> str:
+    """``vq`` for a YAML recipe with a ``vq:`` block, else ``quantization`` (load_recipe reports bad files)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "quantization"
+    return "vq" if isinstance(raw, dict) and "vq" in raw else "quantization"
+
+
+def stage_of(recipe: Recipe) -> str:
+    return "vq" if isinstance(recipe, VQRecipe) else "quantization"
+
+
+def resolve_device(device: Optional[str], recipe: Recipe) -> torch.device:
+    """``device`` (or the recipe's), checked to exist; the recipe records what runs."""
+    name = device or recipe.device
+    if not DEVICE.fullmatch(name):
+        raise VmqError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    recipe.device = name
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VmqError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VmqError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def load_model(name: Optional[str], checkpoint: Optional[str]) -> nn.Module:
+    """The floating-point model a command or recipe names (a packed file is refused by name)."""
+    if checkpoint is not None and is_packed(checkpoint):
+        raise VmqError(f"{checkpoint} is a vmq packed (quantized) file, not a floating-point checkpoint; "
+                       f"evaluate it with `vmq eval {checkpoint}`")
+    if name is not None:
+        config_for(name)
+        if checkpoint is None and canonical_name(name) != REFERENCE_MODEL:
+            raise VmqError(f"--model {name} needs --checkpoint: vmq ships weights only for {REFERENCE_MODEL}")
+    return create_model(name, checkpoint, pretrained=checkpoint is None)
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns: the compressed model and everything measured on the way."""
+
+    model: nn.Module
+    recipe: Recipe
+    method: Method
+    reports: List[Any]
+    metrics: Dict[str, Any]  # accuracy, agreement and data facts (see :meth:`results`)
+    seconds: float  # the compression itself
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def results(self) -> Dict[str, Any]:
+        """JSON-ready results: what the packed file records (no timings: same inputs, same bytes)."""
+        return {"model": self.model.vmq_name, "scheme": self.method.label(), "method": self.method.name,
+                **self.metrics, **self.method.summary(self.reports)}
+
+    def save(self, path: Union[str, Path], recipe_path: Union[str, Path, None] = None) -> Dict[str, Any]:
+        """Write the packed file and the resolved recipe (default ``<name>.recipe.yaml`` beside it),
+        atomically; returns the file facts."""
+        recipe_path = Path(recipe_path) if recipe_path is not None else recipe_path_for(path)
+        with atomic_path(recipe_path) as tmp_recipe:
+            tmp_recipe.write_text(dump_recipe(self.recipe), encoding="utf-8")
+            save_packed(self.model, path, self.recipe.model_dump(mode="json"), self.results())
+        return {"out": str(path), "recipe_out": str(recipe_path), "file_bytes": Path(path).stat().st_size}
+
+
+def recipe_path_for(out: Union[str, Path]) -> Path:
+    p = Path(out)
+    return p.with_name(p.name[: -len(p.suffix)] + ".recipe.yaml" if p.suffix else p.name + ".recipe.yaml")
+
+
+def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Module] = None,
+             images: Optional[Tensor] = None, stats: Optional[CalibStats] = None, device: Optional[str] = None,
+             overrides: Sequence[str] = (), evaluate_model: bool = True,
+             progress: Progress = no_progress) -> CompressResult:
+    """Compress a model with a recipe; see the module docstring.
+
+    ``model``: a registered model to compress in place (default: the recipe's ``model``);
+    ``images``: calibration images (N, C, H, W) (default: the recipe's ``calibration``);
+    ``stats``: calibration statistics of this model (default: a statistics pass);
+    ``evaluate_model``: measure the floating-point and the compressed model on the recipe's
+    eval set (top-1, agreement, logit SNR).
+    """
+    recipe = read_recipe(recipe, overrides)
+    stage_key = stage_of(recipe)
+    method = method_for(stage_key, getattr(recipe, stage_key))
+    dev = resolve_device(device, recipe)
+    start = time.perf_counter()
+    if model is None:
+        model = load_model(recipe.model.name, recipe.model.checkpoint)
+    recipe.model.name = model.vmq_name  # the resolved recipe names what actually ran
+    family = family_of(model)
+    stage = getattr(recipe, stage_key)
+    if stage.targets is None:
+        stage.targets = family.default_targets()
+    method.targets(model, family)  # a bad target list fails before any work
+    given_stats = stats is not None
+    if given_stats:
+        stats.check(model)
+    source = "(given)"
+    if images is None:
+        images, source = calibration_images(model, recipe.calibration.data, recipe.calibration.num_images)
+    model.to(dev)
+    if stats is None:
+        with progress("calibration statistics", len(family.blocks(model))) as update:
+            stats = collect_stats(model, images, recipe.calibration.batch_size, data=source,
+                                  on_block=lambda i, n: update(i, n))
+    fp = _evaluate(model, recipe, "floating point", progress) if evaluate_model else None
+    t0 = time.perf_counter()
+    with progress(f"{method.what.replace('quantized', 'quantizing')} blocks ({method.name})",
+                  len(family.blocks(model))) as update:
+        reports = compress_model(model, method, images, stats, recipe.calibration.batch_size, recipe.seed,
+                                 on_block=lambda i, n, _p: update(i, n))
+    seconds = time.perf_counter() - t0
+    q = _evaluate(model, recipe, method.what, progress) if evaluate_model else None
+    metrics = _comparison(recipe, fp, q, images, source, stats if given_stats else None)
+    return CompressResult(model, recipe, method, reports, metrics, seconds,
+                          {"total_seconds": time.perf_counter() - start})
+
+
+def _evaluate(model: nn.Module, recipe: Recipe, what: str, progress: Progress) -> dict:
+    ev = recipe.eval
+    loader, _, _ = eval_loader(model, ev.data, ev.batch_size, ev.limit)
+    with progress(f"evaluating {what}", len(loader.dataset)) as update:
+        return evaluate(model, loader, on_batch=update, keep_logits=True)
+
+
+def _comparison(recipe: Recipe, fp: Optional[dict], q: Optional[dict], images: Tensor, source: str,
+                stats: Optional[CalibStats]) -> Dict[str, Any]:
+    return {
+        "fp_top1": None if fp is None else fp["top1"],
+        "quant_top1": None if q is None else q["top1"],
+        "fp_top5": None if fp is None else fp["top5"],
+        "quant_top5": None if q is None else q["top5"],
+        "eval_images": None if q is None else q["num_images"],
+        **({"top1_agreement": None, "logit_snr_db": None} if q is None else agreement(fp["logits"], q["logits"])),
+        "eval_data": recipe.eval.data or "(shipped CIFAR-10 lossless test subset)",
+        "calibration_images": int(images.shape[0]),
+        "calibration_data": source,
+        "stats": None if stats is None else {k: stats.meta.get(k) for k in ("data", "num_images", "weights_sha256")},
+    }
+
+
+__all__ = ["compress", "CompressResult", "read_recipe", "load_model", "resolve_device", "recipe_path_for",
+           "stage_of"]

@@ -1,0 +1,23 @@
+"""PTQ4VM (Cho et al., "PTQ4VM: Post-Training Quantization for Visual Mamba", WACV 2025): PTS's
+smoothing and truncation, then JLSS, block by block: smoothing scales, weight step sizes and
+activation step sizes learned jointly against the block output (:mod:`vmq.quant.jlss`)."""
+
+from typing import Any, Dict
+
+from vmq.compress.methods.base import BlockJob, register_method
+from vmq.compress.methods.uniform import TruncatingMethod
+from vmq.quant.jlss import learn_block
+
+
+@register_method
+class PTQ4VM(TruncatingMethod):
+    name = "ptq4vm"
+
+    def prepare(self, job: BlockJob):
+        if self.stage.jlss.target == "quant_input":  # this floating-point block on the quantized inputs
+            job.target = job.family.block_output(job.family.run_batched(job.block, job.q_io, job.batch_size))
+        return super().prepare(job)
+
+    def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
+        before, after = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed)
+        return {"loss_before": before, "loss_after": after}

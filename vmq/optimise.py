@@ -1,0 +1,105 @@
+"""The loop that learns some parameters of one block against a target output (JLSS, the VQ search).
+
+Both PTQ4VM's JLSS and ViM-VQ's codeword search optimise a few parameters of one block (step
+sizes and smoothing scales; combination logits and codebooks) so that the block's output on the
+calibration inputs follows a target, in steps over random batches of the inputs.
+:class:`BlockTrainer` is that loop; :data:`LOSSES` the block-output losses; :func:`block_loss`
+the loss over all inputs, before and after.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmq.models.family import BlockIO, ModelFamily, io_batches, io_len, io_slice
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+def cosine_loss(out: Tensor, target: Tensor) -> Tensor:
+    """1 - cosine similarity per token, averaged (PTQ4VM's block loss)."""
+    return (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
+
+
+def relative_mse(out: Tensor, target: Tensor) -> Tensor:
+    """|out - target|^2 / |target|^2 per token, averaged (unlike the cosine, it sees magnitude)."""
+    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)).mean()
+
+
+LOSSES = {
+    "cosine": cosine_loss,
+    "mse": relative_mse,
+    "cosine+mse": lambda out, target: cosine_loss(out, target) + relative_mse(out, target),
+}
+
+
+def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
+               batch_size: int) -> float:
+    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples."""
+    total, offset = 0.0, 0
+    with torch.no_grad():
+        for part in io_batches(inputs, batch_size):
+            out = family.block_output(family.run_block(block, part))
+            n = out.shape[0]
+            total += loss_fn(out, target[offset:offset + n]).item() * n
+            offset += n
+    return total / io_len(inputs)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless batches of sample indices: a random order, walked in steps, reshuffled when a batch
+    would run past its end."""
+    order, pos = torch.randperm(n, generator=generator), 0
+    while True:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
+class BlockTrainer:
+    """Steps of an optimiser on ``params`` of ``block``, each on a random batch of ``inputs``.
+
+    Inside the ``with`` block only ``params`` require gradients; the block's own flags are
+    restored afterwards (and ``params`` left without gradients). Batches come from a local
+    generator seeded with ``seed``, so a run does not depend on global random state.
+    """
+
+    def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
+                 batch_size: int, seed: int, params: List[Tensor]):
+        self.family, self.block, self.inputs, self.target = family, block, inputs, target
+        self.loss_fn, self.params = loss_fn, params
+        self.batches = batch_indices(io_len(inputs), batch_size, torch.Generator().manual_seed(seed))
+        self._saved = {}
+
+    def __enter__(self) -> "BlockTrainer":
+        self._saved = {p: p.requires_grad for p in self.block.parameters()}
+        for p in self.block.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    def step(self, opt: torch.optim.Optimizer, grad_clip: Optional[float] = None) -> None:
+        idx = next(self.batches)
+        with torch.enable_grad():
+            out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, idx)))
+            loss = self.loss_fn(out, self.target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+            opt.step()
+
+    def __exit__(self, *exc) -> None:
+        for p, flag in self._saved.items():
+            p.requires_grad_(flag)
+        for p in self.params:
+            p.requires_grad_(False)
+
+
+__all__ = ["LOSSES", "cosine_loss", "relative_mse", "block_loss", "batch_indices", "BlockTrainer"]
