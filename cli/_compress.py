@@ -59,12 +59,34 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     return result, results
 
 
-def layer_cells(name: str, prefixes: List[str]) -> Tuple[str, str]:
-    """(block, layer) of a layer name, split at its block's prefix."""
-    for prefix in prefixes:
-        if name.startswith(prefix):
-            return prefix.rstrip("."), name[len(prefix):]
-    return "", name
+def layer_cells(names: List[str], prefixes: List[str]) -> Dict[str, Tuple[str, Callable[[str], str]]]:
+    """Per layer name: (block index, a function shortening names inside that block), for tables.
+
+    Names lose the block prefix and the module path all the block's listed layers share
+    (block ``3`` with prefix ``B.3.``: ``B.3.mix.proj`` -> ``proj`` when every listed layer is under
+    ``B.3.mix.``; ``B.3.norm`` -> ``norm``)."""
+    def block_of(name: str) -> int:
+        return next((k for k, p in enumerate(prefixes) if name.startswith(p)), -1)
+
+    cells = {}
+    for i in {block_of(n) for n in names}:
+        prefix = prefixes[i] if i >= 0 else ""
+        inner = [n[len(prefix):].split(".")[:-1] for n in names if block_of(n) == i]
+        common = []
+        for level in zip(*inner):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        parent = prefix + "".join(f"{c}." for c in common)
+
+        def short(name: str, prefix: str = prefix, parent: str = parent) -> str:
+            return name[len(parent):] if name.startswith(parent) else name[len(prefix):] if name.startswith(prefix) \
+                else name
+
+        for n in names:
+            if block_of(n) == i:
+                cells[n] = ("" if i < 0 else str(i), short)
+    return cells
 
 
 def summary_rows(results: Dict[str, Any], seconds_key: str, label: str) -> List[List[Any]]:

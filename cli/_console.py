@@ -19,10 +19,12 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
-def emit_table(title: str, rows: Sequence[Sequence[str]], headers: Sequence[str] = ("", "")) -> None:
+def emit_table(title: str, rows: Sequence[Sequence[str]], headers: Sequence[str] = ("", ""),
+               no_wrap: Sequence[int] = ()) -> None:
+    """A table on stdout; the columns ``no_wrap`` are never wrapped or cut (names that must stay whole)."""
     table = Table(title=title, show_header=any(headers), title_justify="left")
-    for h in headers:
-        table.add_column(h)
+    for i, h in enumerate(headers):
+        table.add_column(h, no_wrap=i in no_wrap, overflow="fold")
     for row in rows:
         table.add_row(*[str(c) for c in row])
     out.print(table)

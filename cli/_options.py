@@ -17,7 +17,7 @@ def model_options(f):
 
 
 def device_option(f):
-    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+    return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
                         help="Where to run (the model, the images and the kernels).")(f)
 
 
@@ -29,8 +29,7 @@ def backend_option(f):
 
 
 def check_device(device: str) -> None:
-    """One clear line when the device does not exist here."""
-    import torch
+    """One clear line when the device is malformed or does not exist here."""
+    from vmq.env import check_device as check
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VmqError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False)")
+    check(device)

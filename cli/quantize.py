@@ -26,14 +26,18 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json):
         console.emit_json(results)
         return
     prefixes = [p for p, _ in family_of(result.model).blocks(result.model)]
+    cells = layer_cells([r.name for r in result.reports], prefixes)
 
     def row(r):
-        block, layer = layer_cells(r.name, prefixes)
-        return [block, layer, f"W{r.w_bits} {r.w_strategy}", f"A{r.a_bits} {r.a_strategy}" if r.a_bits else "A16",
-                r.smoothing.replace(f"folded into {block}.", "folded: "),
+        block, short = cells[r.name]
+        smoothing = r.smoothing
+        if smoothing.startswith("folded into "):
+            smoothing = "folded: " + short(smoothing[len("folded into "):])
+        return [block, short(r.name), f"W{r.w_bits} {r.w_strategy}",
+                f"A{r.a_bits} {r.a_strategy}" if r.a_bits else "A16", smoothing,
                 "inf" if r.snr_db == float("inf") else f"{r.snr_db:.1f}"]
 
     console.emit_table(f"vmq quantize: {results['model']} {results['scheme']} {results['method']}",
                        [row(r) for r in result.reports],
-                       headers=("block", "layer", "weights", "activations", "smoothing", "SNR dB"))
+                       headers=("block", "layer", "weights", "activations", "smoothing", "SNR dB"), no_wrap=(0, 1))
     console.emit_table("", summary_rows(results, "quantize_seconds", "quantize time"))

@@ -27,16 +27,17 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json):
         console.emit_json(results)
         return
     prefixes = [p for p, _ in family_of(result.model).blocks(result.model)]
+    cells = layer_cells([r.name for r in result.reports], prefixes)
 
     def row(r):
-        block, layer = layer_cells(r.name, prefixes)
-        return [block, layer, f"d={r.dim} K={r.size}" + (f" x{r.groups}" if r.groups > 1 else ""),
+        block, short = cells[r.name]
+        return [block, short(r.name), f"d={r.dim} K={r.size}" + (f" x{r.groups}" if r.groups > 1 else ""),
                 f"{r.code_bits_per_weight:.2f}", f"{r.bits_per_weight:.2f}", f"A{r.a_bits}" if r.a_bits else "A16",
                 "inf" if r.snr_db == float("inf") else f"{r.snr_db:.1f}", f"{r.seconds:.1f}"]
 
     console.emit_table(f"vmq vq: {results['model']} {results['scheme']} {results['method']}",
                        [row(r) for r in result.reports],
-                       headers=("block", "layer", "codebook", "b/w", "b/w+cb", "act", "SNR dB", "s"))
+                       headers=("block", "layer", "codebook", "b/w", "b/w+cb", "act", "SNR dB", "s"), no_wrap=(0, 1))
     rows = [["bits per weight", f"{results['code_bits_per_weight']:.3f} codes, {results['bits_per_weight']:.3f} "
                                 "with codebooks and scales"]]
     console.emit_table("", rows + summary_rows(results, "vq_seconds", "vq time"))

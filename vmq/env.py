@@ -12,8 +12,10 @@ from typing import Dict
 import torch
 
 from vmq import __version__
+from vmq.errors import VmqError
 from vmq.ops import _library
 from vmq.ops.backend import BUILD_FIX
+from vmq.recipe import DEVICE
 
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "f16c")
 
@@ -39,6 +41,19 @@ def cpu_info() -> Dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "features": [f for f in _CPU_FLAGS if f in flags]}
+
+
+def check_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has; one clear error otherwise."""
+    if not DEVICE.fullmatch(name):
+        raise VmqError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VmqError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VmqError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def kernels() -> Dict:

@@ -27,6 +27,7 @@ from vmq.calib import CalibStats, collect_stats
 from vmq.compress.engine import compress_model
 from vmq.compress.methods import Method, method_for
 from vmq.data import calibration_images, eval_loader
+from vmq.env import check_device
 from vmq.errors import VmqError
 from vmq.evaluate import evaluate
 from vmq.fileio import atomic_path
@@ -34,7 +35,7 @@ from vmq.metrics import agreement
 from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model, family_of
 from vmq.pack.format import is_packed, save_packed
 from vmq.quant.recipe import QuantRecipe
-from vmq.recipe import DEVICE, Recipe, dump_recipe, load_recipe, parse_recipe
+from vmq.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
 from vmq.vq.recipe import VQRecipe
 
 #: ``progress(description, total)``: a context manager yielding ``update(done, total)``
@@ -75,15 +76,8 @@ def stage_of(recipe: Recipe) -> str:
 def resolve_device(device: Optional[str], recipe: Recipe) -> torch.device:
     """``device`` (or the recipe's), checked to exist; the recipe records what runs."""
     name = device or recipe.device
-    if not DEVICE.fullmatch(name):
-        raise VmqError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    dev = check_device(name)
     recipe.device = name
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VmqError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VmqError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

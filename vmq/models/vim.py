@@ -120,19 +120,22 @@ class VimConfig:
 
 
 class MambaMixer(nn.Module):
-    """The bimamba v2 mixer with official parameter names (``*_b`` for the backward direction)."""
+    """The bimamba v2 mixer with official parameter names (``*_b`` for the backward direction).
 
-    def __init__(self, cfg: VimConfig):
+    ``scan``: "fused" runs both directions and the gate in one ``vmq.ops.bidirectional_scan`` call
+    (inference); otherwise the name of a one-direction scan of ``vmq.ops.one_direction_scan`` run
+    per direction ("train": differentiable, for JLSS and the VQ search; "mamba_ssm"; "reference").
+    The family's ``scan_implementation`` switches it for a whole model.
+    """
+
+    def __init__(self, cfg: VimConfig, scan: str = "fused"):
         super().__init__()
         d_model, d_inner, d_state = cfg.embed_dim, cfg.d_inner, cfg.d_state
         dt_rank = cfg.resolved_dt_rank
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.bidirectional = cfg.bimamba_type == "v2"
         self.if_divide_out = cfg.if_divide_out
-        # "fused": both directions and the gate in one vmq.ops.bidirectional_scan call (inference);
-        # otherwise the name of a one-direction scan of vmq.ops.scan.one_direction_scan run per
-        # direction ("train": differentiable, for JLSS and the VQ search; "mamba_ssm"; "reference")
-        self.scan = "fused"
+        self.scan = scan
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
