@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from vmq.errors import VmqError
-
 
 def model_options(f):
     f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,

@@ -46,7 +46,7 @@ def test_override_syntax(bad):
 
 
 def test_override_into_scalar():
-    with pytest.raises(VmqError, match="is a value, not a block"):
+    with pytest.raises(VmqError, match=r"is a value \(1\), not a block; set seed as a whole"):
         apply_overrides({"seed": 1}, ["seed.x=2"])
 
 

@@ -110,12 +110,14 @@ def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
             parsed = value
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], 1):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise VmqError(f"--set {key}: {part!r} is a value, not a block")
+                whole = ".".join(parts[:depth])
+                raise VmqError(f"--set {key}: {part!r} is a value ({child!r}), not a block; set {whole} as a whole, "
+                               f"or write it as a block in the recipe")
             node = child
         node[parts[-1]] = parsed
     return raw

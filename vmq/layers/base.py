@@ -47,5 +47,9 @@ class RuntimeLayer(nn.Module):
     def bias_tensor(self) -> Optional[Tensor]:
         return getattr(self, "bias", None)
 
+    def present(self, *names: str) -> Dict[str, Tensor]:
+        """The buffers ``names`` that the layer has (optional ones may be None), by name."""
+        return {name: t for name in names if (t := getattr(self, name)) is not None}
+
 
 __all__ = ["RuntimeLayer"]

@@ -92,11 +92,7 @@ class QuantizedLinear(RuntimeLayer):
 
     def packed_tensors(self) -> Dict[str, Tensor]:
         out = {"weight": self.weight} if self.w_bits == 8 else {"weight_packed": pack_signed(self.weight, self.w_bits)}
-        for name in ("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias"):
-            t = getattr(self, name)
-            if t is not None:
-                out[name] = t
-        return out
+        return {**out, **self.present("weight_scale", "input_scale", "input_zero_point", "smooth_scale", "bias")}
 
     @classmethod
     def from_packed(cls, spec: dict, tensors: Dict[str, Tensor], shape: Tuple[int, int]) -> "QuantizedLinear":

@@ -87,12 +87,8 @@ class VQLinear(RuntimeLayer):
                 "row_scale": self.weight_scale is not None, "a_bits": self.a_bits, "a_strategy": self.a_strategy}
 
     def packed_tensors(self) -> Dict[str, Tensor]:
-        out = {"weight_codes": pack_unsigned(self.weight_codes, self.code_bits)}
-        for name in ("weight_codebook", "weight_scale", "input_scale", "input_zero_point", "bias"):
-            t = getattr(self, name)
-            if t is not None:
-                out[name] = t
-        return out
+        return {"weight_codes": pack_unsigned(self.weight_codes, self.code_bits),
+                **self.present("weight_codebook", "weight_scale", "input_scale", "input_zero_point", "bias")}
 
     @classmethod
     def from_packed(cls, spec: dict, tensors: Dict[str, Tensor], shape: Tuple[int, int]) -> "VQLinear":
