@@ -144,6 +144,9 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     start = time.perf_counter()
     if model is None:
         model = load_model(recipe.model.name, recipe.model.checkpoint)
+    if getattr(model, "vmq_name", None) is None:
+        raise VmqError("the model has no registered name: build it with timm.create_model(<registered name>) or "
+                       "vmq.models.create_model, so that the packed file can name it")
     recipe.model.name = model.vmq_name  # the resolved recipe names what actually ran
     family = family_of(model)
     stage = getattr(recipe, stage_key)
