@@ -12,7 +12,7 @@ from vmq.models import vim  # noqa: F401  (registers the Vim family and its mode
 from vmq.models.checkpoint import read_state_dict
 from vmq.models.family import FAMILIES, Fold, ModelFamily, family_of
 from vmq.models.reference import REFERENCE_MODEL
-from vmq.models.registry import (canonical_name, config_for, create, entry_for, family_for, fitting_models,
+from vmq.models.registry import (canonical_name, checkpoint_num_classes, config_for, create, entry_for, family_for, fitting_models,
                                  load_checkpoint, model_names)
 
 __all__ = ["REFERENCE_MODEL", "FAMILIES", "ModelFamily", "Fold", "create_model", "load_checkpoint", "read_state_dict",
@@ -39,7 +39,7 @@ def create_model(name: Optional[str] = None, checkpoint: Union[str, Path, None] 
             raise VmqError(f"{checkpoint}: no registered model fits its keys; pass --model")
         name = fits[0]
     entry = entry_for(name)
-    head = sd.get(f"{entry.pretrained_cfg.get('classifier', 'head')}.weight")
-    model = create(name, **({"num_classes": int(head.shape[0])} if head is not None else {}))
+    head = checkpoint_num_classes(entry, sd)
+    model = create(name, **({"num_classes": head} if head is not None else {}))
     load_checkpoint(model, checkpoint, entry.family, canonical_name(name), state_dict=sd)
     return model.eval()

@@ -86,7 +86,7 @@ def fitting_models(sd: StateDict) -> List[str]:
         with torch.device("meta"):
             model = entry.family.build(entry.config)
             filtered = entry.family.checkpoint_filter(sd, model)
-            head = _num_classes(filtered)
+            head = checkpoint_num_classes(entry, filtered)
             if head is not None and head != getattr(model, "num_classes", head):
                 model = entry.family.build(entry.config, num_classes=head)
         ref = model.state_dict()
@@ -95,8 +95,9 @@ def fitting_models(sd: StateDict) -> List[str]:
     return fits
 
 
-def _num_classes(sd: StateDict) -> Optional[int]:
-    head = sd.get("head.weight")
+def checkpoint_num_classes(entry: Entry, sd: StateDict) -> Optional[int]:
+    """The classes of ``sd``'s classifier (the pretrained config's ``classifier`` layer), if it has one."""
+    head = sd.get(f"{entry.pretrained_cfg.get('classifier', 'head')}.weight")
     return int(head.shape[0]) if head is not None else None
 
 
@@ -155,5 +156,5 @@ def _register_timm(name: str) -> None:
     register_model(entry)
 
 
-__all__ = ["register", "canonical_name", "model_names", "entry_for", "config_for", "family_for", "shipped_weights",
+__all__ = ["checkpoint_num_classes", "register", "canonical_name", "model_names", "entry_for", "config_for", "family_for", "shipped_weights",
            "fitting_models", "load_checkpoint", "create", "MODELS", "ALIASES"]
