@@ -56,11 +56,16 @@ test-isa: install
 	  cd $(CURDIR); rm -rf "$$dir"; \
 	done
 
-# Retrain the shipped reference model (CPU, resumable; see vmq/assets/MODEL_CARD.md).
+# Retrain a shipped reference model (CPU, resumable; see vmq/assets/MODEL_CARD.md):
+# MODEL=vim_ref_cifar10 (default) or MODEL=vmamba_ref_cifar10 (EPOCHS: the schedule it shipped with).
+MODEL  ?= vim_ref_cifar10
+EPOCHS ?= $(if $(filter vmamba_ref_cifar10,$(MODEL)),30,8)
+WARMUP ?= $(if $(filter vmamba_ref_cifar10,$(MODEL)),1,0.5)
 reference-model: install
-	$(PY) scripts/train_reference.py --data $(DATA) --out runs/reference
-	cp runs/reference/model.safetensors vmq/assets/vim_ref_cifar10.safetensors
-	$(PY) scripts/model_card.py runs/reference/metrics.json vmq/assets
+	$(PY) scripts/train_reference.py --data $(DATA) --out runs/reference/$(MODEL) --model $(MODEL) \
+	  --epochs $(EPOCHS) --warmup-epochs $(WARMUP)
+	cp runs/reference/$(MODEL)/model.safetensors vmq/assets/$(MODEL).safetensors
+	$(PY) scripts/model_card.py runs/reference/$(MODEL)/metrics.json vmq/assets
 
 bench: install
 	$(PY) benchmarks/eval_throughput.py

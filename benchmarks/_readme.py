@@ -1,4 +1,4 @@
-"""Write a generated markdown block into the README between two marker comments."""
+"""Write a generated markdown block into the README between two marker comments; what the table scripts share."""
 
 from __future__ import annotations
 
@@ -16,3 +16,19 @@ def write_between(readme: Path, begin: str, end: str, md: str, tag: str) -> None
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{md}\n{end}{tail}")
     print(f"[{tag}] wrote the table into {readme}", file=sys.stderr)
+
+
+def markers(table: str, model: str) -> tuple:
+    """The README markers of ``model``'s ``table`` (``PTQ_TABLE``, ``VQ_TABLE``)."""
+    return f"<!-- {table}:{model}:BEGIN -->", f"<!-- {table}:{model}:END -->"
+
+
+def model_sets(args) -> list:
+    """``--set`` overrides that select ``args.model`` (and its weights and calibration data when it
+    is not a reference model)."""
+    sets = [f"model.name={args.model}"]
+    if args.checkpoint:
+        sets.append(f"model.checkpoint={args.checkpoint}")
+    if args.calibration_data:
+        sets.append(f"calibration.data={args.calibration_data}")
+    return sets

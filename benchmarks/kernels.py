@@ -1,10 +1,15 @@
 """Kernel speed: each compiled vmq kernel against its baseline, timed in the same process.
 
     python benchmarks/kernels.py [--repeats 7] [--threads 2] [--packed FILE] [--default-allocator] [--json]
+                                 [--gpu-only | --scan-only]
 
 CPU cases (always):
 * fused bidirectional scan (``vmq::bidirectional_scan``) against the PyTorch reference loop
   (``bidirectional_scan_ref``) at Vim-Ti shapes (d_inner 384, 197 tokens, d_state 16);
+* K-direction scan (``vmq::multi_scan``): on Vim's two orders against ``vmq::bidirectional_scan``
+  (the kernel it generalises; Vim-Ti shapes, batch 8, token-major inputs), and VMamba's cross scan
+  (4 directions sharing a channel-major u, d_state 1, batch 2) against its twin ``multi_scan_ref``
+  at stage-1 (56 x 56 tokens, d_inner 192) and stage-3-like (7 x 7, d_inner 1536) shapes;
 * INT8 linear (``vmq::int8_linear`` on already quantized activations) against fp32 ``F.linear``
   at the projection shapes of the reference model (64 images x 65 tokens) and of Vim-Ti
   (8 images x 197 tokens);
@@ -19,6 +24,7 @@ the CPU ones), shapes of Vim-B (d_model 768, d_inner 1536, 197 tokens) at batch 
   (``vmq::w4a8_linear``) against cuBLAS bf16; with the fraction of the nominal int8 peak;
 * the fused quantized scan (int8 u / delta) against two fp16 calls of mamba-ssm's
   ``selective_scan_fn`` (when mamba-ssm is installed; else against vmq's fp16 scan);
+* ``vmq::multi_scan`` on Vim's two orders against ``vmq::bidirectional_scan`` (fp32);
 * the VQ GEMM (``vmq::vq_linear``, 2-bit codes of dim 4) against decoding the weight and cuBLAS fp16;
 * k-means assignment (``vmq::kmeans_assign``) against the chunked-matmul reference.
 End to end on GPU: ``vmq bench FILE --device cuda``.
@@ -88,6 +94,50 @@ def scan_cases(repeats, rows):
         t_k, t_r = interleaved([kernel, ref], repeats)
         rows.append({"case": f"scan Vim-Ti b{batch} (d_inner {d}, L {l}, N {n})", "kernel_ms": t_k * 1e3,
                      "baseline": "PyTorch reference loop", "baseline_ms": t_r * 1e3, "ratio": t_r / t_k})
+
+
+def _multi_scan_args(g, batch, d, n, orders, shared_u):
+    """Inputs of vmq::multi_scan as a mixer lays them out: u (batch, d, L) shared by every direction
+    (a conv's channel-major output) or token-major per direction; delta, B, C and z token-major
+    (what Linear layers produce); D and delta_bias per direction."""
+    import torch
+
+    K, L = orders.shape
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    tm = lambda rows: r(batch, L, rows).transpose(1, 2)  # noqa: E731
+    u = [r(batch, d, L)] * K if shared_u else [tm(d) for _ in range(K)]
+    delta = [(tm(d) * 0.5 - 1) for _ in range(K)]
+    A = -torch.exp(r(K, d, n) * 0.5)
+    return u, delta, A, [tm(n) for _ in range(K)], [tm(n) for _ in range(K)], r(K, d), r(K, d) * 0.5, tm(d)
+
+
+def multi_scan_cases(repeats, rows):
+    import torch
+
+    from vmq.models.scan_orders import cross_orders, sequence_orders
+    from vmq.ops.multi_scan import multi_scan, multi_scan_ref
+    from vmq.ops.scan import bidirectional_scan
+
+    g = torch.Generator().manual_seed(0)
+    # Vim: the K-direction op on Vim's two orders against the bidirectional kernel it generalises
+    batch, d, l, n = 8, 384, 197, 16
+    orders = sequence_orders(l)
+    u, delta, A, B, C, D, _, z = _multi_scan_args(g, batch, d, n, orders, shared_u=False)
+    fused = lambda: multi_scan(u, delta, A, B, C, D, None, z, orders, orders, l, True, "mean", backend="cpu")  # noqa: E731
+    bi = lambda: bidirectional_scan(u[0], delta[0], A[0], B[0], C[0], D[0], u[1], delta[1], A[1], B[1], C[1],  # noqa: E731
+                                    D[1], z, True, True, backend="cpu")
+    t_k, t_b = interleaved([fused, bi], repeats)
+    rows.append({"case": f"multi_scan Vim-Ti b{batch} K=2 (d_inner {d}, L {l}, N {n})", "kernel_ms": t_k * 1e3,
+                 "baseline": "vmq::bidirectional_scan", "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
+    # VMamba: the cross scan (4 directions, one shared u) at stage-1 and stage-3-like shapes, d_state 1
+    for batch, side, d in ((2, 56, 192), (2, 7, 1536)):
+        orders = cross_orders(side, side)
+        args = _multi_scan_args(g, batch, d, 1, orders, shared_u=True)
+        fused = lambda: multi_scan(*args, orders, orders, side * side, True, "sum", backend="cpu")  # noqa: E731
+        ref = lambda: multi_scan_ref(*args, orders, orders, None, None, side * side, True, "sum")  # noqa: E731
+        t_k, t_r = interleaved([fused, ref], max(1, repeats // 2) if side > 14 else repeats)
+        rows.append({"case": f"multi_scan VMamba {side}x{side} b{batch} K=4 (d_inner {d}, N 1)", "kernel_ms": t_k * 1e3,
+                     "baseline": "multi_scan_ref (PyTorch loop)", "baseline_ms": t_r * 1e3, "ratio": t_r / t_k})
 
 
 def linear_cases(repeats, rows, peak_int):
@@ -163,7 +213,9 @@ def gpu_cases(repeats, rows):
     import torch.nn.functional as F
 
     from vmq.ops.kmeans import assign, assign_ref
+    from vmq.models.scan_orders import sequence_orders
     from vmq.ops.linear import int8_linear, pack_int4, vq_dequantize_ref, vq_linear, w4a8_linear
+    from vmq.ops.multi_scan import multi_scan
     from vmq.ops.scan import bidirectional_scan
 
     dev = torch.device("cuda")
@@ -226,6 +278,19 @@ def gpu_cases(repeats, rows):
     rows.append({"case": f"quantized scan Vim-B b{b} (d_inner {d}, L {l}, N {ns})", "kernel_ms": t_k * 1e3,
                  "baseline": base_label, "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
 
+    # the K-direction op on Vim's two orders vs the bidirectional kernel (fp32, token-major inputs)
+    orders = sequence_orders(l).to(dev)
+    mu, md, mA, mB, mC, mD, _, mz = (t.to(dev) if isinstance(t, torch.Tensor) else [x.to(dev) for x in t]
+                                     for t in _multi_scan_args(torch.Generator().manual_seed(0), b, d, ns,
+                                                               orders, shared_u=False))
+    fused = lambda: multi_scan(mu, md, mA, mB, mC, mD, None, mz, orders, orders, l, True, "mean",  # noqa: E731
+                               backend="cuda")
+    base = lambda: bidirectional_scan(mu[0], md[0], mA[0], mB[0], mC[0], mD[0], mu[1], md[1], mA[1], mB[1], mC[1],  # noqa: E731
+                                      mD[1], mz, True, True, backend="cuda")
+    t_k, t_b = interleaved_cuda([fused, base], repeats)
+    rows.append({"case": f"multi_scan Vim-B b{b} K=2 (d_inner {d}, L {l}, N {ns})", "kernel_ms": t_k * 1e3,
+                 "baseline": "vmq::bidirectional_scan", "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
+
     # VQ GEMM vs decode + cuBLAS fp16
     k, n, dim, size = 768, 3072, 4, 256
     x = torch.randn(m, k, device=dev, generator=g)
@@ -262,6 +327,7 @@ def main() -> None:
     ap.add_argument("--packed", type=Path, default=None, help="packed file for the end-to-end case")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--gpu-only", action="store_true", help="run the GPU cases only")
+    ap.add_argument("--scan-only", action="store_true", help="run the CPU scan cases only (bidirectional, multi_scan)")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc's malloc settings alone (by default freed memory is retained, as vmq bench "
                          "does: the PyTorch reference loop allocates large tensors and otherwise page-faults them in)")
@@ -283,9 +349,13 @@ def main() -> None:
     rows = []
     if not args.gpu_only:
         scan_cases(args.repeats, rows)
+        multi_scan_cases(args.repeats, rows)
+    if not args.gpu_only and not args.scan_only:
         linear_cases(args.repeats, rows, peak_int)
         end_to_end(max(5, args.repeats), rows, args.packed or default_packed())
-    if torch.cuda.is_available() and _library.has_kernel("int8_linear", "cuda"):
+    if args.scan_only:
+        pass  # the CPU scan cases only
+    elif torch.cuda.is_available() and _library.has_kernel("int8_linear", "cuda"):
         gpu_cases(args.repeats, rows)
     elif torch.cuda.is_available():
         print("[kernels] a CUDA device is present but vmq._C was built without CUDA kernels: GPU cases skipped",

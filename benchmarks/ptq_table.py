@@ -1,10 +1,13 @@
-"""PTQ results on the reference model: W8A8, W6A6, W4A8 x {RTN, SmoothQuant, PTS, PTQ4VM}.
+"""PTQ results on a reference model: W8A8, W6A6, W4A8 x {RTN, SmoothQuant, PTS, PTQ4VM}.
 
 Runs ``vmq quantize --json`` for each cell (one at a time), keeps each run's JSON in --work (a
-rerun skips finished cells), and writes a markdown table between the PTQ_TABLE markers of the
-README. Every cell's floating-point top-1 is measured in the same run as its quantized top-1.
+rerun skips finished cells), and writes a markdown table between the model's PTQ_TABLE markers
+of the README. Every cell's floating-point top-1 is measured in the same run as its quantized top-1.
 
-    python benchmarks/ptq_table.py [--work runs/ptq_table] [--readme README.md]
+    python benchmarks/ptq_table.py [--model vmamba_ref_cifar10] [--work runs/ptq_table] [--readme README.md]
+
+Another model (``--model`` with ``--checkpoint`` and ``--calibration-data``, e.g. a tiny variant
+with fixture weights) gets the same table; its top-1 means little then, agreement and SNR do.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _readme import write_between  # noqa: E402
+from _readme import markers, model_sets, write_between  # noqa: E402
+from vmq.models import REFERENCE_MODEL  # noqa: E402
+from vmq.models.registry import shipped_weights  # noqa: E402
 SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
 METHODS = {  # recipe file, shown name
     "rtn": ("configs/w4a8-rtn.yaml", "RTN"),
@@ -26,10 +31,9 @@ METHODS = {  # recipe file, shown name
     "pts": ("configs/w4a8-pts.yaml", "PTS"),
     "ptq4vm": ("configs/w4a8.yaml", "PTQ4VM"),
 }
-BEGIN, END = "<!-- PTQ_TABLE:BEGIN -->", "<!-- PTQ_TABLE:END -->"
 
 
-def run_cell(scheme: str, method: str, work: Path) -> dict:
+def run_cell(scheme: str, method: str, work: Path, sets: list) -> dict:
     out_json = work / f"{scheme.lower()}-{method}.json"
     if out_json.is_file():
         return json.loads(out_json.read_text())
@@ -39,6 +43,7 @@ def run_cell(scheme: str, method: str, work: Path) -> dict:
            "--set", f"quantization.scheme.weights.num_bits={w}",
            "--set", f"quantization.scheme.input_activations.num_bits={a}",
            "--out", str(work / f"{scheme.lower()}-{method}.safetensors"), "--json"]
+    cmd += [a for s in sets for a in ("--set", s)]
     print(f"[ptq_table] {scheme} {method} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -48,11 +53,12 @@ def run_cell(scheme: str, method: str, work: Path) -> dict:
     return result
 
 
-def table(results: dict, fp_bytes: int) -> str:
+def table(model: str, results: dict, fp_bytes: int) -> str:
     fp_top1 = {r["fp_top1"] for r in results.values()}
+    first = next(iter(results.values()))
     lines = [
-        f"Reference model `vim_ref_cifar10`, {next(iter(results.values()))['eval_images']} shipped CIFAR-10 test "
-        f"images, 256 calibration images. Floating point: **{min(fp_top1):.2f} %** top-1 "
+        f"Model `{model}`, {first['eval_images']} shipped CIFAR-10 test "
+        f"images, {first['calibration_images']} calibration images. Floating point: **{min(fp_top1):.2f} %** top-1 "
         f"(fp32 checkpoint {fp_bytes:,} bytes).",
         "Agreement: share of images whose top-1 class matches the floating-point model's; logit SNR: "
         "10 log10(|z_fp|^2 / |z_fp - z_q|^2) over all logits. Both measure the quantization error "
@@ -76,20 +82,24 @@ def table(results: dict, fp_bytes: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ptq_table")
+    ap.add_argument("--model", default=REFERENCE_MODEL)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="weights of a model that ships none")
+    ap.add_argument("--calibration-data", type=Path, default=None, help="image folder (models without shipped data)")
+    ap.add_argument("--work", type=Path, default=None, help="default: runs/ptq_table/MODEL")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
+    work = args.work or ROOT / "runs" / "ptq_table" / args.model
+    work.mkdir(parents=True, exist_ok=True)
     results = {}
     for scheme in args.schemes.split(","):
         for method in args.methods.split(","):
-            results[(scheme, method)] = run_cell(scheme, method, args.work)
-    fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
-    md = table(results, fp_bytes)
+            results[(scheme, method)] = run_cell(scheme, method, work, model_sets(args))
+    fp_bytes = (args.checkpoint or shipped_weights(args.model)).stat().st_size
+    md = table(args.model, results, fp_bytes)
     print(md)
-    write_between(args.readme, BEGIN, END, md, "ptq_table")
+    write_between(args.readme, *markers("PTQ_TABLE", args.model), md, "ptq_table")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""VQ results on the reference model: 1, 2 and 3 bits per weight x {k-means, ViM-VQ}, and 2-bit + A8.
+"""VQ results on a reference model: 1, 2 and 3 bits per weight x {k-means, ViM-VQ}, and 2-bit + A8.
 
 Runs ``vmq vq --json`` for each cell (one at a time), keeps each run's JSON in --work (a rerun
-skips finished cells), and writes a markdown table between the VQ_TABLE markers of the README.
+skips finished cells), and writes a markdown table between the model's VQ_TABLE markers of the README.
 Every cell's floating-point top-1 is measured in the same run as its vector-quantized top-1.
 
-    python benchmarks/vq_table.py [--work runs/vq_table] [--readme README.md] [--cells vq-2bit,vq-2bit-kmeans]
+    python benchmarks/vq_table.py [--model vmamba_ref_cifar10] [--work runs/vq_table] [--cells vq-2bit,...]
+
+``--checkpoint`` and ``--calibration-data`` as in ptq_table.py, for a model without shipped weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _readme import write_between  # noqa: E402
+from _readme import markers, model_sets, write_between  # noqa: E402
+from vmq.models import REFERENCE_MODEL  # noqa: E402
+from vmq.models.registry import shipped_weights  # noqa: E402
 CELLS = {  # recipe stem: (bits, method label)
     "vq-1bit-kmeans": ("1", "k-means"),
     "vq-1bit": ("1", "ViM-VQ"),
@@ -28,7 +32,6 @@ CELLS = {  # recipe stem: (bits, method label)
     "vq-3bit": ("3", "ViM-VQ"),
     "vq-2bit-a8": ("2 + A8", "ViM-VQ"),
 }
-BEGIN, END = "<!-- VQ_TABLE:BEGIN -->", "<!-- VQ_TABLE:END -->"
 
 
 def run_cell(stem: str, work: Path, overrides) -> dict:
@@ -46,10 +49,10 @@ def run_cell(stem: str, work: Path, overrides) -> dict:
     return result
 
 
-def table(results: dict, fp_bytes: int) -> str:
+def table(model: str, results: dict, fp_bytes: int) -> str:
     first = next(iter(results.values()))
     lines = [
-        f"Reference model `vim_ref_cifar10`, {first['eval_images']} shipped CIFAR-10 test images, "
+        f"Model `{model}`, {first['eval_images']} shipped CIFAR-10 test images, "
         f"{first['calibration_images']} calibration images. Floating point: **{first['fp_top1']:.2f} %** top-1 "
         f"(fp32 checkpoint {fp_bytes:,} bytes). Bits per weight over the vector-quantized layers: codes alone, "
         "then with the fp16 codebooks and row scales.",
@@ -71,17 +74,21 @@ def table(results: dict, fp_bytes: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "vq_table")
+    ap.add_argument("--model", default=REFERENCE_MODEL)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="weights of a model that ships none")
+    ap.add_argument("--calibration-data", type=Path, default=None, help="image folder (models without shipped data)")
+    ap.add_argument("--work", type=Path, default=None, help="default: runs/vq_table/MODEL")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--cells", default=",".join(CELLS))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    results = {stem: run_cell(stem, args.work, args.overrides) for stem in args.cells.split(",")}
-    fp_bytes = (ROOT / "vmq" / "assets" / "vim_ref_cifar10.safetensors").stat().st_size
-    md = table(results, fp_bytes)
+    work = args.work or ROOT / "runs" / "vq_table" / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    results = {stem: run_cell(stem, work, model_sets(args) + args.overrides) for stem in args.cells.split(",")}
+    fp_bytes = (args.checkpoint or shipped_weights(args.model)).stat().st_size
+    md = table(args.model, results, fp_bytes)
     print(md)
-    write_between(args.readme, BEGIN, END, md, "vq_table")
+    write_between(args.readme, *markers("VQ_TABLE", args.model), md, "vq_table")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     if device == "cuda":
         models = [gpu_baseline(fp)]
     else:
-        models = [BenchModel("fp32", fp, torch.float32, {"scan": "vmq bidirectional_scan"})]
+        models = [BenchModel("fp32", fp, torch.float32, {"scan": "vmq multi_scan"})]
     if quant is not None:
         scheme = (packed_meta.get("results") or {}).get("scheme") or "quantized"
         models.append(BenchModel(str(scheme), quant, torch.float32))

@@ -1,6 +1,9 @@
-"""Write the reference model's card and metrics from a training run's metrics.json.
+"""Write a reference model's card and metrics from a training run's metrics.json.
 
-    python scripts/model_card.py runs/reference/metrics.json vmq/assets
+    python scripts/model_card.py runs/reference/vim_ref_cifar10/metrics.json vmq/assets
+
+Writes ``<model>.json`` (the figures the tests check) and the card: ``MODEL_CARD.md`` for the
+Vim reference model, ``MODEL_CARD_vmamba.md`` for the VMamba one.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ def main() -> None:
         sys.exit(__doc__.strip())
     m = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
-    weights = out / "vim_ref_cifar10.safetensors"
+    name = m.get("model", "vim_ref_cifar10")
+    weights = out / f"{name}.safetensors"
     size = weights.stat().st_size if weights.is_file() else None
     cfg = m["config"]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vmq.models.vim import VimConfig, VisionMamba
+    from vmq.models import create_model
 
-    vc = VimConfig.from_dict(cfg)
-    m["params"] = f"{sum(p.numel() for p in VisionMamba(vc).parameters()):,}"
-    (out / "vim_ref_cifar10.json").write_text(json.dumps({k: m[k] for k in (
+    m["params"] = f"{sum(p.numel() for p in create_model(name).parameters()):,}"
+    (out / f"{name}.json").write_text(json.dumps({k: m[k] for k in (
         "top1_test_10000", "top1_lossless_1017", "train_wall_s", "epochs", "batch_size", "lr", "weight_decay",
         "warmup_epochs", "label_smoothing", "seed", "threads")} | {"config": cfg, "weights_bytes": size}, indent=2) + "\n")
+    if name == "vmamba_ref_cifar10":
+        (out / "MODEL_CARD_vmamba.md").write_text(vmamba_card(m, cfg, size))
+        return
+    from vmq.models.vim import VimConfig
+
+    vc = VimConfig.from_dict(cfg)
     card = f"""# Model card: `vim_ref_cifar10`
 
 vmq's shipped reference model: a Vision Mamba with the Vim-Ti architecture flags, trained by
@@ -75,12 +84,62 @@ a longer schedule. This CPU run's budget was about two hours.
 ## Reproduce
 ```bash
 make reference-model DATA=path/to/cifar10     # runs scripts/train_reference.py, resumable
-python scripts/model_card.py runs/reference/metrics.json vmq/assets
+python scripts/model_card.py runs/reference/vim_ref_cifar10/metrics.json vmq/assets
 ```
 The shipped-subset figure is checked by `tests/test_reference.py` (and the full test set when
 the CIFAR-10 files are present).
 """
     (out / "MODEL_CARD.md").write_text(card)
+
+
+def vmamba_card(m: dict, cfg: dict, size) -> str:
+    return f"""# Model card: `vmamba_ref_cifar10`
+
+vmq's second shipped reference model: a VMamba with the flags of the released VMamba-T[s1l8]
+(`vmambav2v_tiny_224`), trained by vmq's own script on CIFAR-10, so that the PTQ and VQ results
+cover a hierarchical family as well as Vim (see the README's tables).
+
+## Architecture
+`VMamba` (`vmq/models/vmamba.py`) with SS2D `v05_noz` (no gate; the four-direction cross scan,
+row-major, column-major and their reverses, each with its own x_proj, dt_proj, A and D, summed,
+then `out_norm` and `out_proj`), `ssm_d_state` {cfg['ssm_d_state']}, `ssm_ratio` {cfg['ssm_ratio']}, a depthwise
+{cfg['ssm_conv']}x{cfg['ssm_conv']} conv without bias, MLP blocks (ratio {cfg['mlp_ratio']}, GELU), patch embedding v2 (two strided
+3x3 convs), downsampling v3 (a strided 3x3 conv and LayerNorm), LayerNorm head with global
+average pooling.
+
+| img | patch | stage grids | dims | depths | classes | parameters |
+|---|---|---|---|---|---|---|
+| {cfg['img_size']} | {cfg['patch_size']} | 8x8, 4x4, 2x2, 1x1 | {' / '.join(map(str, cfg['dims']))} | {' / '.join(map(str, cfg['depths']))} | {cfg['num_classes']} | {m['params']} |
+
+## Data
+The same as `vim_ref_cifar10` (see `MODEL_CARD.md`): CIFAR-10 in the official order as JPEG
+re-encodings for training; evaluation on the 1017 bit-exact test images that ship with vmq
+(`vmq eval` and the README tables) and on all 10000 test images; the 512 shipped bit-exact
+training images are its default calibration set.
+
+## Training recipe
+AdamW (betas 0.9/0.999), lr {m['lr']} with {m['warmup_epochs']} epoch of linear warm-up then cosine decay to 0,
+weight decay {m['weight_decay']} (none on norms, biases, A_logs, Ds), batch {m['batch_size']}, {m['epochs']} epochs, label smoothing
+{m['label_smoothing']}, gradient-norm clipping at 1.0, stochastic depth {cfg['drop_path_rate']}, augmentation: random crop with 4-pixel
+reflect padding and horizontal flip. CIFAR-10 mean and std; evaluation at 32x32 (crop_pct 1.0).
+Seed {m['seed']}. fp32 on a CPU ({m['threads']} threads, 2-core AMD EPYC), every scan direction through vmq's fused
+C++ training scan (`vmq/ops/scan_train.py`).
+
+## Results (measured at the end of training)
+| set | top-1 |
+|---|---|
+| CIFAR-10 test, all 10000 images (JPEG) | {m['top1_test_10000']:.2f} % |
+| CIFAR-10 test, 1017 bit-exact images (shipped subset) | {m['top1_lossless_1017']:.2f} % |
+
+Training wall time: {m['train_wall_s'] / 60:.1f} minutes ({m['train_wall_s']:.0f} s) for {m['epochs']} epochs, on a machine shared
+with other work during the run. Weights: `vmamba_ref_cifar10.safetensors`, fp32, {size if size is not None else '?'} bytes.
+
+## Reproduce
+```bash
+make reference-model MODEL=vmamba_ref_cifar10 DATA=path/to/cifar10   # resumable
+```
+`tests/test_reference.py` checks both figures.
+"""
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Train vmq's reference Vim on CIFAR-10 (CPU), resumable; writes weights and a metrics file.
+"""Train one of vmq's reference models on CIFAR-10 (CPU), resumable; writes weights and a metrics file.
 
-    python scripts/train_reference.py --data ../shared/data/cifar10 --out runs/reference
+    python scripts/train_reference.py --data ../shared/data/cifar10 --out runs/reference [--model NAME]
+
+``--model``: a registered 32x32 CIFAR-10 model (default: the Vim reference model). Every selective
+scan runs the differentiable fused CPU scan (the family's ``scan_implementation("train")``).
 
 The run checkpoints every epoch (``ckpt.pt``) and resumes from it when started again with the
 same ``--out``. At the end it writes ``model.safetensors`` and ``metrics.json`` (top-1 on the
@@ -14,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,8 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vmq.models import REFERENCE_MODEL, config_for, create_model, family_for  # noqa: E402
 from vmq.models.reference import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from vmq.models.vim import REFERENCE_CONFIG, VisionMamba  # noqa: E402
+
+# parameters without weight decay besides 1-D ones: the SSM's A, position embeddings, cls tokens
+NO_DECAY = re.compile(r"(^|\.)(A_log\w*|A_b_log|A_logs|pos_embed|cls_token)$")
 
 
 def decode_cifar(data_dir: Path, cache: Path):
@@ -86,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="folder with cifar10_jpeg_official_order.npz")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default=REFERENCE_MODEL, help="registered model name (32x32 input, 10 classes)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -103,12 +111,11 @@ def main() -> None:
     lossless = np.load(args.data / "cifar10_lossless_subset.npz", allow_pickle=False)
 
     torch.manual_seed(args.seed)
-    model = VisionMamba(REFERENCE_CONFIG)
-    for layer in model.layers:
-        layer.mixer.scan = "train"  # the differentiable scan of vmq.ops (the fused C++ one on CPU)
+    model = create_model(args.model).train()
+    family = family_for(args.model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name in model.no_weight_decay() or name.endswith(("A_log", "A_b_log")) else decay).append(p)
+        (no_decay if p.dim() < 2 or NO_DECAY.search(name) else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
     steps_per_epoch = len(train_y) // args.batch_size
@@ -133,38 +140,40 @@ def main() -> None:
     ytrain = torch.from_numpy(train_y)
     log = open(args.out / "log.jsonl", "a")
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, args.epochs):
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        perm = torch.randperm(len(ytrain), generator=g)
-        t0, seen_loss = time.time(), 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            xb, yb = augment(xtrain[idx], g), ytrain[idx]
-            for pg in opt.param_groups:
-                pg["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            seen_loss += loss.item()
-            if i % 50 == 0:
-                print(f"epoch {epoch} step {i}/{steps_per_epoch} loss {loss.item():.3f} "
-                      f"{(time.time() - t0) / (i + 1):.2f} s/step", flush=True)
+    # the differentiable scan of vmq.ops (the fused C++ one on CPU) for the whole run
+    with family.scan_implementation(model, "train"):
+        for epoch in range(start_epoch, args.epochs):
+            g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            perm = torch.randperm(len(ytrain), generator=g)
+            t0, seen_loss = time.time(), 0.0
+            for i in range(steps_per_epoch):
+                idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+                xb, yb = augment(xtrain[idx], g), ytrain[idx]
+                for pg in opt.param_groups:
+                    pg["lr"] = lr_at(step)
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=args.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                seen_loss += loss.item()
+                if i % 50 == 0:
+                    print(f"epoch {epoch} step {i}/{steps_per_epoch} loss {loss.item():.3f} "
+                          f"{(time.time() - t0) / (i + 1):.2f} s/step", flush=True)
+                if args.limit_steps and step >= args.limit_steps:
+                    break
+            wall += time.time() - t0
+            acc = evaluate(model, lossless["test_x"], lossless["test_y"].astype(np.int64))
+            rec = {"epoch": epoch + 1, "loss": seen_loss / (i + 1), "lossless_top1": acc, "wall_s": wall}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "wall": wall}, tmp)
+            os.replace(tmp, ckpt_path)
             if args.limit_steps and step >= args.limit_steps:
-                break
-        wall += time.time() - t0
-        acc = evaluate(model, lossless["test_x"], lossless["test_y"].astype(np.int64))
-        rec = {"epoch": epoch + 1, "loss": seen_loss / (i + 1), "lossless_top1": acc, "wall_s": wall}
-        print(json.dumps(rec), flush=True)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "wall": wall}, tmp)
-        os.replace(tmp, ckpt_path)
-        if args.limit_steps and step >= args.limit_steps:
-            return
+                return
 
     from safetensors.torch import save_file
 
@@ -177,7 +186,7 @@ def main() -> None:
                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
                "label_smoothing": args.label_smoothing, "seed": args.seed, "threads": args.threads,
-               "config": REFERENCE_CONFIG.to_dict()}
+               "model": args.model, "config": family.config_to_dict(config_for(args.model))}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics), flush=True)
 

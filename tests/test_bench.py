@@ -112,7 +112,7 @@ def test_cli_bench_packed_file_json_and_table(quantized, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)  # stdout is JSON alone
     assert res["model"] == "test_vim" and res["threads"] == 1 and res["baseline"] == "fp32"
-    assert list(res["models"]) == ["fp32", "W8A8"] and res["models"]["fp32"]["scan"] == "vmq bidirectional_scan"
+    assert list(res["models"]) == ["fp32", "W8A8"] and res["models"]["fp32"]["scan"] == "vmq multi_scan"
     assert [row["batch"] for row in res["results"]] == [1, 2]
     import platform
 

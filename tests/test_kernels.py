@@ -14,9 +14,11 @@ from vmq.errors import VmqError
 from vmq.ops import _library
 from vmq.ops.backend import use_backend, use_native
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
+from vmq.models.scan_orders import cross_orders, direction_order, sequence_orders, stack_orders
 from vmq.ops.linear import (int8_linear, int8_linear_from_float, int8_linear_from_float_ref, int8_linear_ref,
                             pack_int4, unpack_int4_ref, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref)
 from vmq.ops.norm import rms_norm, rms_norm_ref
+from vmq.ops.multi_scan import multi_scan, multi_scan_ref
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref, range_to_qparams
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
 from vmq.pack.bits import pack_signed
@@ -102,6 +104,136 @@ def test_scan_kernel_propagates_nan_like_twin():
     ref = _scan_twin(args, True)
     assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def _multi_scan_orders(case):
+    """(in_index, out_index, positions, seqlen) of a named set of scan orders."""
+    if case == "vim":  # forward and backward over a sequence
+        o = sequence_orders(13)
+        return o, o, 13, 13
+    if case == "cross":  # VMamba's four, on a grid with H != W
+        o = cross_orders(3, 5)
+        return o, o, 15, 15
+    if case == "local":  # LocalMamba's windows with padding, their flip, shorter orders (one visits 4 tokens)
+        o = stack_orders([direction_order("w2", 3, 5), direction_order("w2_flip", 3, 5), direction_order("v", 3, 5),
+                          torch.arange(4).flip(0)])
+        return o, o, 15, 15
+    if case == "scan_order":  # no in_index: the inputs already in scan order, padding steps included
+        o = stack_orders([direction_order("w2", 3, 3), direction_order("w2_flip", 3, 3)])
+        return None, o, o.shape[1], 9
+    raise ValueError(case)
+
+
+def _multi_scan_inputs(case, b=2, d=19, n=5, seed=0, layout="token", shared_u=False, int8=(), merge="sum"):
+    """The schema's arguments of vmq::multi_scan. layout: token- or channel-major u, delta, B, C and
+    z, or "mixed" (u channel-major, the rest token-major, as a conv and Linear layers leave them);
+    int8: which of u, delta are int8 (with scales); shared_u: one u tensor for every direction."""
+    in_index, out_index, positions, seqlen = _multi_scan_orders(case)
+    K = out_index.shape[0]
+    g = torch.Generator().manual_seed(seed)
+
+    def t(rows, length, major, scale=1.0, shift=0.0, quantized=False):  # (b, rows, length) in that storage
+        x = torch.randn(b, length, rows, generator=g) * scale + shift
+        if quantized:
+            x = torch.randint(-127, 128, x.shape, dtype=torch.int8, generator=g)
+        return x.transpose(1, 2) if major == "token" else x.transpose(1, 2).contiguous()
+
+    u_major = "channel" if layout == "mixed" else layout
+    f_major = "token" if layout == "mixed" else layout
+    u0 = t(d, positions, u_major, quantized="u" in int8)
+    u = [u0 if shared_u else t(d, positions, u_major, quantized="u" in int8) for _ in range(K)]
+    delta = [t(d, positions, f_major, 0.5, -1.0, quantized="delta" in int8) for _ in range(K)]
+    A = -torch.exp(torch.randn(K, d, n, generator=g) * 0.5)
+    B = [t(n, positions, f_major) for _ in range(K)]
+    C = [t(n, positions, f_major) for _ in range(K)]
+    D, bias = torch.randn(K, d, generator=g), torch.randn(K, d, generator=g) * 0.5
+    z = t(d, seqlen, f_major)
+    scales = [torch.rand(K, positions, generator=g) * s + 1e-3 if key in int8 else None
+              for key, s in (("u", 0.02), ("delta", 0.01))]
+    return [u, delta, A, B, C, D, bias, z, in_index, out_index, *scales, seqlen, True, merge]
+
+
+def _run_multi_scan(args, backend):
+    """vmq.ops.multi_scan on the schema's arguments."""
+    u, delta, A, B, C, D, bias, z, in_index, out_index, u_scale, delta_scale, seqlen, softplus, merge = args
+    return multi_scan(u, delta, A, B, C, D, bias, z, in_index, out_index, seqlen, softplus, merge, u_scale,
+                      delta_scale, backend=backend)
+
+
+@native
+@pytest.mark.parametrize("case", ["vim", "cross", "local", "scan_order"])
+@pytest.mark.parametrize("merge", ["sum", "mean", "none"])
+@pytest.mark.parametrize("layout", ["token", "channel", "mixed"])
+@pytest.mark.parametrize("shape", [(2, 19, 5), (1, 40, 16), (2, 24, 1)])
+def test_multi_scan_matches_twin(case, merge, layout, shape):
+    b, d, n = shape
+    args = _multi_scan_inputs(case, b, d, n, layout=layout, shared_u=layout != "token", merge=merge)
+    ref = multi_scan_ref(*args)
+    out = _run_multi_scan(args, "cpu")
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.transpose(-1, -2).is_contiguous()  # token-major storage, as the fake implementation says
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@native
+def test_multi_scan_with_vim_orders_is_the_bidirectional_scan():
+    args = _multi_scan_inputs("vim", 2, 24, 16, merge="mean")
+    u, delta, A, B, C, D = args[:6]
+    args[6] = None  # the bidirectional scan has no delta_bias
+    out = _run_multi_scan(args, "cpu")
+    bi = bidirectional_scan(u[0], delta[0], A[0], B[0], C[0], D[0], u[1], delta[1], A[1], B[1], C[1], D[1], args[7],
+                            delta_softplus=True, divide_out=True, backend="cpu")
+    torch.testing.assert_close(out, bi, rtol=1e-6, atol=1e-6)
+
+
+@native
+@pytest.mark.parametrize("case", ["vim", "local", "scan_order"])
+@pytest.mark.parametrize("layout", ["token", "channel"])
+@pytest.mark.parametrize("int8", [("u", "delta"), ("u",)])
+def test_multi_scan_int8_inputs_match_dequantized_twin(case, layout, int8):
+    args = _multi_scan_inputs(case, 2, 24, 16, seed=2, layout=layout, shared_u=True, int8=int8, merge="mean")
+    torch.testing.assert_close(_run_multi_scan(args, "cpu"), multi_scan_ref(*args), rtol=2e-5, atol=2e-5)
+
+
+@native
+@pytest.mark.parametrize("merge", ["sum", "none"])
+def test_multi_scan_without_gate_skip_bias_or_softplus(merge):
+    args = _multi_scan_inputs("local", 2, 12, 4, seed=1, merge=merge)
+    args[5] = args[7] = None  # D, z
+    args[1] = [x.abs() for x in args[1]]  # delta already positive
+    args[6] = args[6].abs()
+    args[13] = False
+    torch.testing.assert_close(_run_multi_scan(args, "cpu"), multi_scan_ref(*args), rtol=2e-5, atol=2e-5)
+    args[6] = None  # nor delta_bias
+    torch.testing.assert_close(_run_multi_scan(args, "cpu"), multi_scan_ref(*args), rtol=2e-5, atol=2e-5)
+
+
+@native
+def test_multi_scan_rejects_bad_inputs():
+    args = _multi_scan_inputs("local", 2, 12, 4)
+    op = torch.ops.vmq.multi_scan
+
+    def bad(match, i, value):
+        a = list(args)
+        a[i] = value
+        with pytest.raises(RuntimeError, match=match):
+            op(*a)
+
+    u, delta, A, B, C = args[:5]
+    bad("one tensor per direction", 1, delta[:3])
+    bad("A must be", 2, A[:3])
+    bad(r"B\[1\] and C\[1\]", 3, [B[0], B[1][..., :-1], *B[2:]])
+    bad("float32 or int8", 0, [x.double() for x in u])
+    bad("needs its scales", 0, [x.to(torch.int8) for x in u])
+    bad("a scale goes with int8", 10, torch.ones(4, 15))
+    bad("D must be", 5, args[5][:, :-1])
+    bad("z must be", 7, args[7][..., :-1])
+    bad("out_index values", 9, torch.where(args[9] == 3, 15, args[9]))
+    bad("in_index values", 8, torch.where(args[8] == 3, -2, args[8]))
+    bad("in_index must have", 8, args[8][:, :-1])
+    bad("scan order", 8, None)
+    bad("merge must be", 14, "max")
+    assert op(*args).shape == multi_scan_ref(*args).shape
 
 
 def _linear_inputs(batch, tokens, k, n, seed=0, per_row=False):
@@ -338,6 +470,7 @@ def _opcheck_cases():
     A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
     return {
         "bidirectional_scan": (*scan[:13], None, None, None, None, True, True),
+        "multi_scan": tuple(_multi_scan_inputs("local", 2, 12, 4, layout="mixed", shared_u=True, merge="none")),
         "bidirectional_conv1d_silu": _conv_inputs(2, 12, 5, 4),
         "rms_norm": (torch.randn(2, 5, 24, generator=g), torch.randn(24, generator=g), 1e-5),
         "int8_linear": (*lin[:6], None, None, 8),

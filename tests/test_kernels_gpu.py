@@ -11,13 +11,16 @@ import timm
 import torch
 
 import vmq.models  # noqa: F401
-from tests.test_kernels import _conv_inputs, _linear_inputs, _scan_inputs, _vq_inputs
+from tests.test_kernels import (_conv_inputs, _linear_inputs, _multi_scan_inputs, _run_multi_scan, _scan_inputs,
+                                _vq_inputs)
 from vmq.ops import _library
 from vmq.ops.backend import use_backend
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
 from vmq.ops.kmeans import assign, assign_ref, update_centroids, update_centroids_ref
+from vmq.models.scan_orders import stack_orders
 from vmq.ops.linear import int8_linear, int8_linear_ref, pack_int4, vq_linear, vq_linear_ref, w4a8_linear, w4a8_linear_ref
 from vmq.ops.norm import rms_norm, rms_norm_ref
+from vmq.ops.multi_scan import multi_scan_ref
 from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
 
@@ -27,7 +30,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def cuda(ts):
-    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
+    return [t.cuda() if isinstance(t, torch.Tensor) else cuda(t) if isinstance(t, list) else t for t in ts]
 
 
 SHAPES = [(1, 1, 1, 1), (2, 5, 7, 3), (3, 65, 96, 384), (1, 13, 192, 38), (2, 9, 6, 192), (1, 7, 33, 17),
@@ -103,6 +106,53 @@ def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("case", ["vim", "cross", "local", "scan_order"])
+@pytest.mark.parametrize("merge", ["sum", "mean", "none"])
+@pytest.mark.parametrize("layout", ["token", "channel", "mixed"])
+@pytest.mark.parametrize("shape", [(2, 19, 5), (3, 200, 16), (1, 40, 1), (2, 24, 48)])
+def test_multi_scan_cuda_matches_twin(case, merge, layout, shape):
+    args = _multi_scan_inputs(case, *shape, layout=layout, shared_u=layout != "token", merge=merge)
+    ref = multi_scan_ref(*args)
+    out = _run_multi_scan(cuda(args), "cuda")
+    assert out.is_cuda and out.shape == ref.shape and out.transpose(-1, -2).is_contiguous()
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("case", ["vim", "local", "scan_order"])
+@pytest.mark.parametrize("merge", ["mean", "none"])
+def test_multi_scan_cuda_int8_and_fp16_inputs(case, merge):
+    args = _multi_scan_inputs(case, 2, 64, 16, seed=3, layout="mixed", shared_u=True, int8=("u", "delta"),
+                              merge=merge)
+    torch.testing.assert_close(_run_multi_scan(cuda(args), "cuda").cpu(), multi_scan_ref(*args), rtol=2e-4, atol=2e-4)
+    args = _multi_scan_inputs(case, 2, 64, 16, seed=4, layout="mixed", shared_u=True, merge=merge)
+    for i in (0, 1, 3, 4):  # u, delta, B, C
+        args[i] = [x.half() for x in args[i]]
+    args[7] = args[7].half()  # z
+    ref = multi_scan_ref(*[[x.float() for x in a] if isinstance(a, list) else a for a in args[:7]], args[7].float(),
+                         *args[8:])
+    torch.testing.assert_close(_run_multi_scan(cuda(args), "cuda").cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_multi_scan_cuda_more_directions_than_one_launch_takes():
+    """10 directions (8 go to one launch), orders of mixed lengths with padding, no gate / D."""
+    g = torch.Generator().manual_seed(7)
+    orders = [torch.randperm(20, generator=g)[:12 + k] for k in range(10)]
+    orders[3] = torch.cat([orders[3][:5], torch.tensor([-1, -1]), orders[3][5:]])
+    out_index = stack_orders(orders)
+    in_index = torch.where(out_index >= 0, (out_index * 7) % 20, -1)
+    for merge in ("sum", "mean", "none"):
+        args = _multi_scan_inputs("cross", 2, 33, 16, seed=5, layout="mixed", merge=merge)
+        K, d = 10, 33
+        u, delta, _, B, C = (a[0] if isinstance(a, list) else a for a in args[:5])
+        pad = lambda x: torch.cat([x, x[..., :5]], -1)  # noqa: E731  (20 positions)
+        A = -torch.exp(torch.randn(K, d, 16, generator=g) * 0.5)
+        args[:8] = [[pad(u)] * K, [pad(delta)] * K, A, [pad(B)] * K, [pad(C)] * K, None, torch.randn(K, d, generator=g),
+                    None]
+        args[8], args[9], args[12] = in_index, out_index, 20
+        ref = multi_scan_ref(*args)
+        torch.testing.assert_close(_run_multi_scan(cuda(args), "cuda").cpu(), ref, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("case", [(5, 16, 8, 4, 16, 8), (7, 30, 13, 4, 4, 5), (65, 192, 384, 8, 256, 384),
                                   (197, 768, 3072, 4, 256, 768)])
 def test_vq_linear_cuda_matches_twin(case):
@@ -132,7 +182,7 @@ def test_opcheck_cuda():
     from tests.test_kernels import _opcheck_cases
 
     cases = _opcheck_cases()
-    for name in ("bidirectional_scan", "int8_linear", "int8_linear_requant", "w4a8_linear", "quantize_per_token",
+    for name in ("bidirectional_scan", "multi_scan", "int8_linear", "int8_linear_requant", "w4a8_linear", "quantize_per_token",
                  "vq_linear", "kmeans_assign"):
         torch.library.opcheck(getattr(torch.ops.vmq, name.replace("_requant", "")), tuple(cuda(cases[name])))
 

@@ -68,7 +68,7 @@ def gpu_baseline(model: nn.Module) -> BenchModel:
     if mamba_ssm_available():
         return BenchModel("fp16", fp16, torch.float16, {"scan": "mamba-ssm selective_scan_fn"},
                           lambda: family_of(fp16).scan_implementation(fp16, "mamba_ssm"))
-    return BenchModel("fp16", fp16, torch.float16, {"scan": "vmq bidirectional_scan"})
+    return BenchModel("fp16", fp16, torch.float16, {"scan": "vmq multi_scan"})
 
 
 def weight_bytes(model: nn.Module) -> int:

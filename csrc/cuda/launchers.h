@@ -62,6 +62,35 @@ struct ScanArgs {
 constexpr int kScanMaxState = 64;
 cudaError_t launch_bidirectional_scan(const ScanArgs& a, cudaStream_t stream);
 
+// ---- K-direction scan (multi_scan.cu) ---------------------------------------------------------
+// Direction k, step s: inputs at position in_index[k, s] (s without in_index; zero inputs where
+// it is -1), y to token out_index[k, s] (dropped where -1); positions or tokens out of range
+// count as -1. Merged (sum, mean) or kept apart (none), times silu(z). Types as ScanArgs.
+struct MultiScanDirection {
+  ScanTensor u, delta, B, C;  // (batch, d_inner | d_state, positions)
+  const float* u_scale;       // (positions,) when u is int8
+  const float* delta_scale;   // (positions,) when delta is int8
+  const float* A;             // (d_inner, d_state) contiguous
+  const float* D;             // (d_inner,) or null
+  const float* delta_bias;    // (d_inner,) or null
+};
+
+enum class ScanMerge { kSum, kMean, kNone };
+
+struct MultiScanArgs {
+  const MultiScanDirection* dirs;  // K directions (host memory; passed to the kernels by value)
+  const int64_t* in_index;         // (K, steps) contiguous, or null: position s at step s
+  const int64_t* out_index;        // (K, steps) contiguous
+  ScanTensor z;                    // (batch, d_inner, seqlen); z.p null: no gate
+  ScanType value_type;             // u, delta
+  ScanType float_type;             // B, C, z: kFloat or kHalf
+  int64_t batch, dim, positions, steps, seqlen, d_state, K;
+  bool softplus;
+  ScanMerge merge;
+  float* out;                      // (batch, seqlen, d_inner) or, merge none, (batch, K, seqlen, d_inner) contiguous
+};
+cudaError_t launch_multi_scan(const MultiScanArgs& a, cudaStream_t stream);
+
 // ---- VQ-weight GEMM (vq_gemm.cu) -------------------------------------------------------------
 // y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], w[n, j*d + i] = codebook[n / rows_per_group,
 // codes[n, j], i] * scale[n]; the weight tile is decoded into shared memory as fp16 and

@@ -32,7 +32,7 @@ from vmq.errors import VmqError
 from vmq.evaluate import evaluate
 from vmq.fileio import atomic_path
 from vmq.metrics import agreement
-from vmq.models import REFERENCE_MODEL, canonical_name, config_for, create_model, family_of
+from vmq.models import canonical_name, config_for, create_model, family_of, reference_models
 from vmq.pack.format import is_packed, save_packed
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
@@ -88,8 +88,9 @@ def load_model(name: Optional[str], checkpoint: Optional[str]) -> nn.Module:
                        f"evaluate it with `vmq eval {checkpoint}`")
     if name is not None:
         config_for(name)
-        if checkpoint is None and canonical_name(name) != REFERENCE_MODEL:
-            raise VmqError(f"--model {name} needs --checkpoint: vmq ships weights only for {REFERENCE_MODEL}")
+        if checkpoint is None and canonical_name(name) not in reference_models():
+            raise VmqError(f"--model {name} needs --checkpoint: vmq ships weights only for its reference models "
+                           f"({', '.join(reference_models())})")
     return create_model(name, checkpoint, pretrained=checkpoint is None)
 
 

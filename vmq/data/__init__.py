@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vmq.errors import VmqError
-from vmq.models.reference import REFERENCE_MODEL
+from vmq.models.registry import reference_models
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
 SHIPPED_CALIB = "cifar10_train_calib.npz"
@@ -207,9 +207,9 @@ def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num
     """
     transform, _ = eval_transform(model)
     if data is None:
-        if getattr(model, "vmq_name", None) != REFERENCE_MODEL:
+        if getattr(model, "vmq_name", None) not in reference_models():
             raise VmqError(f"calibration needs a data folder (calibration.data / --data): vmq ships "
-                           f"calibration images only for {REFERENCE_MODEL}")
+                           f"calibration images only for its reference models ({', '.join(reference_models())})")
         ds, source = shipped_calibration_set(transform), "(shipped CIFAR-10 training subset)"
     else:  # labels are not used: any class folder names will do
         ds = FolderDataset(data, transform, None, splits=TRAIN_SPLITS)

@@ -9,14 +9,17 @@ from torch import nn
 
 from vmq.errors import VmqError
 from vmq.models import vim  # noqa: F401  (registers the Vim family and its models)
+from vmq.models import vmamba  # noqa: F401  (registers the VMamba family and its models)
+from vmq.models import local_vmamba  # noqa: F401  (registers the LocalVMamba family and its models)
+from vmq.models import local_vim  # noqa: F401  (registers the LocalVim family and its models)
 from vmq.models.checkpoint import read_state_dict
 from vmq.models.family import FAMILIES, Fold, ModelFamily, family_of
 from vmq.models.reference import REFERENCE_MODEL
 from vmq.models.registry import (canonical_name, checkpoint_num_classes, config_for, create, entry_for, family_for, fitting_models,
-                                 load_checkpoint, model_names)
+                                 load_checkpoint, model_names, reference_models)
 
 __all__ = ["REFERENCE_MODEL", "FAMILIES", "ModelFamily", "Fold", "create_model", "load_checkpoint", "read_state_dict",
-           "model_names", "canonical_name", "config_for", "family_for", "family_of", "fitting_models"]
+           "model_names", "reference_models", "canonical_name", "config_for", "family_for", "family_of", "fitting_models"]
 
 
 def create_model(name: Optional[str] = None, checkpoint: Union[str, Path, None] = None,

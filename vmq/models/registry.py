@@ -79,6 +79,11 @@ def shipped_weights(name: str) -> Optional[Path]:
     return Path(str(resources.files("vmq.assets") / file)) if file else None
 
 
+def reference_models() -> List[str]:
+    """The registered models whose trained weights ship with vmq (trained on CIFAR-10, which ships too)."""
+    return [name for name, entry in MODELS.items() if entry.pretrained_cfg.get("file")]
+
+
 def fitting_models(sd: StateDict) -> List[str]:
     """Registered model names whose parameter names and shapes match ``sd`` (num_classes aside)."""
     fits = []
@@ -156,5 +161,5 @@ def _register_timm(name: str) -> None:
     register_model(entry)
 
 
-__all__ = ["checkpoint_num_classes", "register", "canonical_name", "model_names", "entry_for", "config_for", "family_for", "shipped_weights",
+__all__ = ["checkpoint_num_classes", "reference_models", "register", "canonical_name", "model_names", "entry_for", "config_for", "family_for", "shipped_weights",
            "fitting_models", "load_checkpoint", "create", "MODELS", "ALIASES"]

@@ -35,8 +35,10 @@ from vmq.models.common import DropPath, PatchEmbed, RMSNorm, imagenet_cfg
 from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family
 from vmq.models.reference import REFERENCE_MODEL, REFERENCE_WEIGHTS, cifar_cfg
 from vmq.models.registry import register
+from vmq.models.scan_orders import sequence_orders
 from vmq.ops.conv import bidirectional_conv1d_silu
-from vmq.ops.scan import bidirectional_scan, one_direction_scan, selective_scan_ref, two_direction_scan
+from vmq.ops.multi_scan import multi_direction_scan, multi_scan
+from vmq.ops.scan import one_direction_scan
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "VimFamily", "VIM", "REFERENCE_CONFIG"]
 
@@ -122,7 +124,7 @@ class VimConfig:
 class MambaMixer(nn.Module):
     """The bimamba v2 mixer with official parameter names (``*_b`` for the backward direction).
 
-    ``scan``: "fused" runs both directions and the gate in one ``vmq.ops.bidirectional_scan`` call
+    ``scan``: "fused" runs both directions and the gate in one ``vmq.ops.multi_scan`` call
     (inference); otherwise the name of a one-direction scan of ``vmq.ops.one_direction_scan`` run
     per direction ("train": differentiable, for JLSS and the VQ search; "mamba_ssm"; "reference").
     The family's ``scan_implementation`` switches it for a whole model.
@@ -182,29 +184,27 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        (conv, x_proj, dt_proj, A_log, D), *backward = self.directions()
-        A = -torch.exp(A_log.float())
-        if not self.bidirectional:
-            scan = selective_scan_ref if self.scan == "fused" else one_direction_scan(self.scan, hidden.device)
-            u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
-            return self.out_proj(scan(u, delta, A, B, C, D.float(), z, True).transpose(1, 2))
-        conv_b, x_proj_b, dt_proj_b, A_b_log, D_b = backward[0]
-        A_b = -torch.exp(A_b_log.float())
-        if self.scan == "fused":
+        directions = self.directions()
+        orders = sequence_orders(x.shape[-1], self.bidirectional).to(x.device)
+        A = torch.stack([-torch.exp(A_log.float()) for *_, A_log, _ in directions])
+        D = torch.stack([D.float() for *_, D in directions])
+        merge = "mean" if self.bidirectional and self.if_divide_out else "sum"
+        if self.scan == "fused" and self.bidirectional:
             # inference: both convs in one fused call (token-major outputs, what x_proj and the scan
-            # read best), then both scan directions and the gate in one fused call
+            # read best), then every scan direction and the gate in one fused call
+            (conv, x_proj, dt_proj, *_), (conv_b, x_proj_b, dt_proj_b, *_) = directions
             u, u_b = bidirectional_conv1d_silu(x, conv.weight[:, 0], conv.bias, conv_b.weight[:, 0], conv_b.bias)
-            u, delta, B, C = self.project(u, x_proj, dt_proj)
-            u_b, delta_b, B_b, C_b = self.project(u_b, x_proj_b, dt_proj_b)
-            out = bidirectional_scan(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
-                                     delta_softplus=True, divide_out=self.if_divide_out).to(hidden.dtype)
+            inputs = [self.project(u, x_proj, dt_proj), self.project(u_b, x_proj_b, dt_proj_b)]
+        else:
+            inputs = [self.branch(x, conv, x_proj, dt_proj, reverse=k == 1)
+                      for k, (conv, x_proj, dt_proj, *_) in enumerate(directions)]
+        u, delta, B, C = ([t[i] for t in inputs] for i in range(4))
+        if self.scan == "fused":
+            out = multi_scan(u, delta, A, B, C, D, None, z, orders, orders, delta_softplus=True, merge=merge)
         else:  # a one-direction scan per direction (training, or mamba-ssm's as a baseline)
-            u, delta, B, C = self.branch(x, conv, x_proj, dt_proj)
-            u_b, delta_b, B_b, C_b = self.branch(x, conv_b, x_proj_b, dt_proj_b, reverse=True)
-            out = two_direction_scan(u, delta, A, B, C, D.float(), u_b, delta_b, A_b, B_b, C_b, D_b.float(), z,
-                                     delta_softplus=True, divide_out=self.if_divide_out,
-                                     scan=one_direction_scan(self.scan, hidden.device))
-        return self.out_proj(out.transpose(1, 2))
+            out = multi_direction_scan(u, delta, A, B, C, D, None, z, orders, orders, x.shape[-1], True, merge,
+                                       scan=one_direction_scan(self.scan, hidden.device))
+        return self.out_proj(out.to(hidden.dtype).transpose(1, 2))
 
 
 class Block(nn.Module):

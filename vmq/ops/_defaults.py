@@ -21,6 +21,7 @@ from vmq.ops.kmeans import kmeans_assign_ref, kmeans_update_ref
 from vmq.ops.linear import int8_linear_from_float_ref, int8_linear_ref, vq_linear_ref, w4a8_linear_ref
 from vmq.ops.norm import rms_norm_ref
 from vmq.ops.quantize import quantize_per_token_ref
+from vmq.ops.multi_scan import multi_scan_ref
 from vmq.ops.scan import bidirectional_scan_ref
 from vmq.ops.scan_train import scan_train_bwd_ref, scan_train_fwd_ref
 
@@ -34,6 +35,13 @@ def _bidirectional_scan_default(*args) -> Tensor:
     return _token_major(bidirectional_scan_ref(*args))
 
 
+def _multi_scan_default(*args) -> Tensor:
+    out = multi_scan_ref(*args)
+    if out.dim() == 4:  # merge "none": (batch, K, seqlen, d_inner) storage
+        return out.transpose(2, 3).contiguous().transpose(2, 3)
+    return _token_major(out)
+
+
 def _bidirectional_conv1d_silu_default(x, weight, bias, weight_b, bias_b) -> Tuple[Tensor, Tensor]:
     u, u_b = bidirectional_conv1d_silu_ref(x, weight, bias, weight_b, bias_b)
     return _token_major(u), _token_major(u_b)
@@ -45,6 +53,7 @@ TWINS: Dict[str, Callable] = {
     "kmeans_assign": kmeans_assign_ref,
     "kmeans_update": kmeans_update_ref,
     "bidirectional_scan": bidirectional_scan_ref,
+    "multi_scan": multi_scan_ref,
     "bidirectional_conv1d_silu": bidirectional_conv1d_silu_ref,
     "rms_norm": rms_norm_ref,
     "quantize_per_token": quantize_per_token_ref,
@@ -54,7 +63,7 @@ TWINS: Dict[str, Callable] = {
     "vq_linear": vq_linear_ref,
 }
 # what is registered, where it differs from the twin (layout only)
-_REGISTERED = {**TWINS, "bidirectional_scan": _bidirectional_scan_default,
+_REGISTERED = {**TWINS, "bidirectional_scan": _bidirectional_scan_default, "multi_scan": _multi_scan_default,
                "bidirectional_conv1d_silu": _bidirectional_conv1d_silu_default}
 
 if set(TWINS) != set(_library.SCHEMAS):

@@ -29,6 +29,10 @@ SCHEMAS = {
                           "Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, "
                           "Tensor? z, Tensor? u_scale, Tensor? delta_scale, Tensor? u_b_scale, "
                           "Tensor? delta_b_scale, bool delta_softplus, bool divide_out) -> Tensor",
+    # K scan directions, each through its own token order, in one call (vmq.ops.multi_scan)
+    "multi_scan": "(Tensor[] u, Tensor[] delta, Tensor A, Tensor[] B, Tensor[] C, Tensor? D, Tensor? delta_bias, "
+                  "Tensor? z, Tensor? in_index, Tensor out_index, Tensor? u_scale, Tensor? delta_scale, int seqlen, "
+                  "bool delta_softplus, str merge) -> Tensor",
     # depthwise causal conv1d + SiLU of both directions of a bidirectional Mamba layer (vmq.ops.conv)
     "bidirectional_conv1d_silu": "(Tensor x, Tensor weight, Tensor? bias, Tensor weight_b, Tensor? bias_b) "
                                  "-> (Tensor, Tensor)",
@@ -80,6 +84,15 @@ def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, u_scale, delta_
     b, d, l = u.shape
     # token-major storage, (batch, d_inner, seqlen) view: what out_proj consumes next
     return u.new_empty(b, l, d, dtype=torch.float32).transpose(1, 2)
+
+
+@torch.library.register_fake("vmq::multi_scan")
+def _(u, delta, A, B, C, D, delta_bias, z, in_index, out_index, u_scale, delta_scale, seqlen, delta_softplus, merge):
+    b, d = u[0].shape[:2]
+    # token-major storage viewed as (batch, [K,] d_inner, seqlen): what out_proj consumes next
+    if merge == "none":
+        return u[0].new_empty(b, len(u), seqlen, d, dtype=torch.float32).transpose(2, 3)
+    return u[0].new_empty(b, seqlen, d, dtype=torch.float32).transpose(1, 2)
 
 
 @torch.library.register_fake("vmq::bidirectional_conv1d_silu")

@@ -38,6 +38,7 @@ CAPABILITIES: Dict[str, Dict[str, str]] = {
     "kmeans_assign": {"cpu": "kernel", "cuda": "kernel"},
     "kmeans_update": {"cpu": "kernel", "cuda": "fallback"},
     "bidirectional_scan": {"cpu": "kernel", "cuda": "kernel"},
+    "multi_scan": {"cpu": "kernel", "cuda": "kernel"},
     "bidirectional_conv1d_silu": {"cpu": "kernel", "cuda": "fallback"},
     "rms_norm": {"cpu": "kernel", "cuda": "fallback"},
     "quantize_per_token": {"cpu": "kernel", "cuda": "kernel"},
