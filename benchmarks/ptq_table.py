@@ -89,13 +89,14 @@ def main() -> None:
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides for every cell")
     args = ap.parse_args()
     work = args.work or ROOT / "runs" / "ptq_table" / args.model
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for scheme in args.schemes.split(","):
         for method in args.methods.split(","):
-            results[(scheme, method)] = run_cell(scheme, method, work, model_sets(args))
+            results[(scheme, method)] = run_cell(scheme, method, work, model_sets(args) + args.overrides)
     fp_bytes = (args.checkpoint or shipped_weights(args.model)).stat().st_size
     md = table(args.model, results, fp_bytes)
     print(md)

@@ -119,7 +119,8 @@ training images are its default calibration set.
 
 ## Training recipe
 AdamW (betas 0.9/0.999), lr {m['lr']} with {m['warmup_epochs']} epoch of linear warm-up then cosine decay to 0,
-weight decay {m['weight_decay']} (none on norms, biases, A_logs, Ds), batch {m['batch_size']}, {m['epochs']} epochs, label smoothing
+weight decay {m['weight_decay']} (none on 1-D parameters: norms, biases, Ds; none on A_logs; the (4, d) dt_projs_bias
+was decayed), batch {m['batch_size']}, {m['epochs']} epochs, label smoothing
 {m['label_smoothing']}, gradient-norm clipping at 1.0, stochastic depth {cfg['drop_path_rate']}, augmentation: random crop with 4-pixel
 reflect padding and horizontal flip. CIFAR-10 mean and std; evaluation at 32x32 (crop_pct 1.0).
 Seed {m['seed']}. fp32 on a CPU ({m['threads']} threads, 2-core AMD EPYC), every scan direction through vmq's fused

@@ -37,7 +37,7 @@ from vmq.models.vmamba_parts import (SS2D, Classifier, ConvDownsample, PatchMerg
                                      drop_path_rates, hierarchical_blocks, make_patch_embed, official_to_vmq,
                                      reset_vssm_parameters)
 
-__all__ = ["VMambaConfig", "VMamba", "VMambaFamily", "VMAMBA"]
+__all__ = ["VMambaConfig", "VMamba", "VMambaFamily", "VMAMBA", "REFERENCE_CONFIG"]
 
 
 @dataclass(frozen=True)
@@ -260,3 +260,9 @@ register(VMAMBA, "test_vmamba", replace(_V2, **_MICRO), _TEST_CFG)
 register(VMAMBA, "test_vmamba_s2", replace(_OFFICIAL["vmambav2_small_224"][0], **_MICRO), _TEST_CFG)
 register(VMAMBA, "test_vmamba_v0", replace(_V0, **_MICRO), _TEST_CFG)
 
+#: vmq's VMamba reference model: VMamba-T[s1l8]'s flags (v05_noz, d_state 1, ssm_ratio 1, MLP ratio 4,
+#: patch embed v2, downsample v3) sized for 32x32 CIFAR-10 (see vmq/assets/MODEL_CARD.md)
+REFERENCE_CONFIG = replace(_V2, img_size=32, num_classes=10, dims=(32, 64, 128, 256), depths=(2, 2, 4, 1),
+                           drop_path_rate=0.1)
+register(VMAMBA, "vmamba_ref_cifar10", REFERENCE_CONFIG,
+         cifar_cfg(file="vmamba_ref_cifar10.safetensors", first_conv="patch_embed.0", classifier="classifier.head"))
