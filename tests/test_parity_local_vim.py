@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import vmq.targets
 from vmq.models import fitting_models
-from vmq.models.local_vim import LOCAL_VIM, LocalVimConfig, LocalVisionMamba, TINY_DIRECTIONS, to_scan_order
+from vmq.ops.multi_scan import gather_steps
+from vmq.models.local_vim import LOCAL_VIM, LocalVimConfig, LocalVisionMamba, TINY_DIRECTIONS
 from vmq.models.registry import config_for, create
 from vmq.ops.backend import use_backend
 
@@ -61,8 +62,8 @@ def _features(model, x):
             y = m.direction_outputs(mixer_in)
             merged = 0
             for k, order in enumerate(orders):
-                got[f"block0.dir{k}.scan_in"] = to_scan_order(xz, order)
-                got[f"block0.dir{k}.ssm_out"] = to_scan_order(y[:, k], order)  # zero at padding, like silu(z=0)
+                got[f"block0.dir{k}.scan_in"] = gather_steps(xz, order)
+                got[f"block0.dir{k}.ssm_out"] = gather_steps(y[:, k], order)  # zero at padding, like silu(z=0)
                 got[f"block0.dir{k}.reversed"] = y[:, k].transpose(1, 2)
                 got[f"block0.dir{k}.attn_out"] = m.attn(y[:, k].transpose(1, 2))
                 merged = merged + got[f"block0.dir{k}.attn_out"]

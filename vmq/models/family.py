@@ -134,6 +134,20 @@ class ModelFamily(abc.ABC):
             return io_cat([self.run_block(block, part) for part in io_batches(io, batch_size)])
 
 
+@contextlib.contextmanager
+def scan_set(mixers: Sequence[nn.Module], impl: str) -> Iterator[None]:
+    """Set the ``scan`` attribute of every mixer to ``impl`` meanwhile (a family's
+    :meth:`ModelFamily.scan_implementation` over its mixers)."""
+    saved = [m.scan for m in mixers]
+    for m in mixers:
+        m.scan = impl
+    try:
+        yield
+    finally:
+        for m, scan in zip(mixers, saved):
+            m.scan = scan
+
+
 def io_len(io: BlockIO) -> int:
     return next(t.shape[0] for t in io if t is not None)
 
@@ -175,5 +189,5 @@ def family_of(model: nn.Module) -> ModelFamily:
     raise VmqError(f"{type(model).__name__} belongs to no registered model family")
 
 
-__all__ = ["BlockIO", "Fold", "BenchGroups", "ModelFamily", "FAMILIES", "register_family", "family_of", "io_len",
+__all__ = ["BlockIO", "Fold", "BenchGroups", "ModelFamily", "FAMILIES", "register_family", "family_of", "scan_set", "io_len",
            "io_slice", "io_batches", "io_cat", "io_finite"]

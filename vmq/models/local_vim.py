@@ -32,11 +32,11 @@ from vmq.models.reference import cifar_cfg
 from vmq.models.registry import register
 from vmq.models.scan_orders import direction_order, insert_token, stack_orders
 from vmq.models.vim import VimFamily
-from vmq.ops.multi_scan import multi_direction_scan, multi_scan
+from vmq.ops.multi_scan import gather_steps, multi_direction_scan, multi_scan
 from vmq.ops.scan import one_direction_scan
 
 __all__ = ["LocalVimConfig", "LocalVisionMamba", "MultiMambaMixer", "BiAttn", "VisionRope", "Block",
-           "LocalVimFamily", "LOCAL_VIM", "TINY_DIRECTIONS", "to_scan_order"]
+           "LocalVimFamily", "LOCAL_VIM", "TINY_DIRECTIONS"]
 
 #: The searched per-layer direction sets of LocalVim-T (and of the middle-cls variant).
 TINY_DIRECTIONS: Tuple[Tuple[str, ...], ...] = tuple(tuple(s.split()) for s in (
@@ -107,15 +107,6 @@ class LocalVimConfig:
         if unknown:
             raise ValueError(f"unknown LocalVim config keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-def to_scan_order(t: Tensor, order: Tensor) -> Tensor:
-    """``t`` (..., L) at the scan steps ``order`` (S,): a zero column where ``order`` is -1 (padding)."""
-    pad = order < 0
-    if bool(pad.any()):
-        t = F.pad(t, (0, 1))
-        order = torch.where(pad, t.shape[-1] - 1, order)
-    return t.index_select(-1, order)
 
 
 class PaddedPatchEmbed(PatchEmbed):
@@ -223,7 +214,7 @@ class MultiMambaMixer(nn.Module):
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         orders, out_index = self.scan_orders(seqlen, hidden.device)
         steps = out_index.shape[1]
-        parts = [self.project(k, to_scan_order(x, order)) for k, order in enumerate(orders)]
+        parts = [self.project(k, gather_steps(x, order)) for k, order in enumerate(orders)]
         # shorter directions padded at the end (their outputs there are dropped)
         u, delta, B, C = ([t if t.shape[-1] == steps else F.pad(t, (0, steps - t.shape[-1])) for t in ts]
                           for ts in zip(*parts))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmq.models.common import DropPath, PatchEmbed, RMSNorm, imagenet_cfg
-from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family
+from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family, scan_set
 from vmq.models.reference import REFERENCE_MODEL, REFERENCE_WEIGHTS, cifar_cfg
 from vmq.models.registry import register
 from vmq.models.scan_orders import sequence_orders
@@ -347,15 +347,8 @@ class VimFamily(ModelFamily):
 
     @contextlib.contextmanager
     def scan_implementation(self, model: VisionMamba, impl: str) -> Iterator[None]:
-        mixers = [block.mixer for block in model.layers]
-        saved = [m.scan for m in mixers]
-        for m in mixers:
-            m.scan = impl
-        try:
+        with scan_set([block.mixer for block in model.layers], impl):
             yield
-        finally:
-            for m, scan in zip(mixers, saved):
-                m.scan = scan
 
     def bench_group(self, module_name: str) -> Optional[str]:
         if module_name in ("patch_embed", "head"):

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from vmq.models.common import imagenet_cfg
-from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family
+from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family, scan_set
 from vmq.models.reference import cifar_cfg
 from vmq.models.registry import register
 from vmq.models.vmamba_parts import (SS2D, Classifier, ConvDownsample, PatchMerging2D, Stage, VSSBlock, VSSMBase,
@@ -200,15 +200,8 @@ class VMambaFamily(ModelFamily):
 
     @contextlib.contextmanager
     def scan_implementation(self, model: nn.Module, impl: str) -> Iterator[None]:
-        ops = [m for m in model.modules() if isinstance(m, SS2D)]
-        saved = [op.scan for op in ops]
-        for op in ops:
-            op.scan = impl
-        try:
+        with scan_set([m for m in model.modules() if isinstance(m, SS2D)], impl):
             yield
-        finally:
-            for op, scan in zip(ops, saved):
-                op.scan = scan
 
     def bench_group(self, module_name: str) -> Optional[str]:
         if module_name == "patch_embed":

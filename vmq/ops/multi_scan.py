@@ -88,8 +88,8 @@ def check_multi_scan(u: Sequence[Tensor], delta: Sequence[Tensor], A: Tensor, B:
         raise ValueError(f"z must be ({batch}, {d_inner}, {seqlen}), got {tuple(z.shape)}")
 
 
-def _gather(x: Tensor, index: Optional[Tensor]) -> Tensor:
-    """``x`` (..., S_in) at the positions ``index`` (S,), zero where ``index`` is -1."""
+def gather_steps(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    """``x`` (..., S_in) at the positions ``index`` (S,), zero where ``index`` is -1 (padding steps)."""
     if index is None:
         return x
     pad = index < 0
@@ -120,10 +120,10 @@ def multi_direction_scan(
     ys = []
     for k in range(len(u)):
         idx = None if in_index is None else in_index[k]
-        dk = _gather(delta[k], idx)
+        dk = gather_steps(delta[k], idx)
         if delta_bias is not None:
             dk = dk + delta_bias[k].to(dk.dtype)[None, :, None]
-        y = scan(_gather(u[k], idx), dk, A[k], _gather(B[k], idx), _gather(C[k], idx),
+        y = scan(gather_steps(u[k], idx), dk, A[k], gather_steps(B[k], idx), gather_steps(C[k], idx),
                  None if D is None else D[k], None, delta_softplus)
         ys.append(_scatter(y, out_index[k], seqlen))
     if merge == "none":
@@ -198,4 +198,4 @@ def multi_scan(
                                     seqlen, delta_softplus, merge)
 
 
-__all__ = ["MERGES", "multi_scan", "multi_scan_ref", "multi_direction_scan", "check_multi_scan"]
+__all__ = ["MERGES", "multi_scan", "multi_scan_ref", "multi_direction_scan", "check_multi_scan", "gather_steps"]
