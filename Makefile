@@ -8,7 +8,7 @@ EXT    := $(VENV)/.extension
 CSRC   := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 DATA   ?= ../shared/data/cifar10
 
-.PHONY: install extension demo test test-isa reference-model bench clean
+.PHONY: install extension demo test test-isa reference-model bench gpu-check gpu-wheels clean
 
 install: $(EXT)
 
@@ -70,6 +70,23 @@ reference-model: install
 bench: install
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/ptq_table.py
+
+# One prepared check on a GPU machine (build in place with that machine's torch, GPU tests, sanitizers,
+# kernel benchmarks, end to end; logs in OUT, at most 7 files). Without a GPU it prints its plan.
+OUT ?= runs/gpu-check
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(OUT)
+
+# The packages vmq needs that the GPU image lacks, as wheels for its Python 3.12 (carried in .whl/;
+# gpu-check installs them into a scratch folder): pydantic and its dependencies.
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+              typing-extensions==4.16.0
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	ls .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -13,6 +13,9 @@ them) is compiled too when torch is a CUDA build and a CUDA toolkit is found. En
 * ``VMQ_NO_EXTENSION=1``: install the pure-PyTorch package only (every op then runs its
   reference twin).
 
+The CUDA kernel sources also ship inside the package (``vmq/_csrc/cuda``): where vmq._C has no
+CUDA kernels, ``vmq.ops.nvrtc`` builds them at run time with CuPy's NVRTC (``vmq[cupy]``).
+
 The build needs torch at build time: ``pip install --no-build-isolation -e .``
 """
 
@@ -24,6 +27,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 version = {}
@@ -57,6 +61,22 @@ def find_cuda_home():
         if _is_toolkit(root):
             return root.resolve()
     return None
+
+
+class BuildPyWithKernelSources(build_py):
+    """Also copy ``csrc/cuda``'s torch-free kernel sources (``*.cu``, ``*.cuh``, ``*.h`` but the
+    bindings' ``binding.h``) into the built package as ``vmq/_csrc/cuda``, for vmq.ops.nvrtc.
+    An editable install reads them from the checkout instead (no copy that could go stale)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dst = Path(self.build_lib) / "vmq" / "_csrc" / "cuda"
+        dst.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "csrc" / "cuda").iterdir()):
+            if src.suffix in (".cu", ".cuh", ".h") and src.name != "binding.h":
+                self.copy_file(str(src), str(dst / src.name))
 
 
 def extensions():
@@ -102,10 +122,15 @@ def extensions():
     print(f"vmq: building vmq._C with {'CPU and CUDA' if build_cuda else 'CPU'} kernels"
           + (f" (CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if build_cuda else ""),
           file=sys.stderr)
+    if not build_cuda and want_cuda == "auto" and torch.version.cuda is not None:
+        print(f"vmq: no CUDA toolkit (nvcc) found: for the CUDA kernels without one, `pip install "
+              f"cupy-cuda{torch.version.cuda.split('.')[0]}x` (vmq builds them at run time with its NVRTC)",
+              file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithKernelSources}
 
 setup(
     name="vmq",
@@ -132,8 +157,11 @@ setup(
         "pillow",
     ],
     extras_require={
-        "gpu": ["mamba-ssm", "cupy-cuda12x"],
-        "test": ["pytest", "ninja"],
+        # CuPy for torch's CUDA 13: NVRTC builds of the CUDA kernels where vmq._C has none (vmq.ops.nvrtc)
+        "cupy": ["cupy-cuda13x"],
+        "gpu": ["mamba-ssm", "cupy-cuda13x"],
+        # cupy: the NVRTC compile test of csrc/cuda (no GPU needed)
+        "test": ["pytest", "ninja", "cupy-cuda13x"],
         "train": ["ninja"],
     },
     entry_points={"console_scripts": ["vmq=vmq_cli.main:main"]},

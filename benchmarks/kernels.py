@@ -18,18 +18,25 @@ CPU cases (always):
   (``auto``), batch 64.
 
 GPU cases (when a CUDA device is present and vmq._C has its CUDA kernels; ``--gpu-only`` skips
-the CPU ones), shapes of Vim-B (d_model 768, d_inner 1536, 197 tokens) at batch 64:
-* W8A8 GEMM (``vmq::int8_linear``, in_proj / x_proj / dt_proj / out_proj) against cuBLAS bf16
-  ``F.linear`` and against ``torch._int_mm`` followed by a separate dequantization; W4A8
-  (``vmq::w4a8_linear``) against cuBLAS bf16; with the fraction of the nominal int8 peak;
-* the fused quantized scan (int8 u / delta) against two fp16 calls of mamba-ssm's
-  ``selective_scan_fn`` (when mamba-ssm is installed; else against vmq's fp16 scan);
-* ``vmq::multi_scan`` on Vim's two orders against ``vmq::bidirectional_scan`` (fp32);
-* the VQ GEMM (``vmq::vq_linear``, 2-bit codes of dim 4) against decoding the weight and cuBLAS fp16;
+the CPU ones; benchmarks/_gpu_kernels.py), Vim-B shapes at batch 1 and 64 (M = 197 and 12 608),
+timed with CUDA events (triton's ``do_bench``, medians, L2 flushed; else a CUDA-event loop), each
+output checked once before it is timed (a mismatch: FAILED, not timed; a baseline that cannot run:
+"missing (why)"):
+* W8A8 / W4A8 GEMMs (``vmq::int8_linear`` / ``w4a8_linear``: in_proj, x_proj, dt_proj, out_proj)
+  against cuBLAS bf16 ``F.linear`` and ``torch._int_mm`` (int32 out: no zero point, scales, bias);
+  with the fraction of the dense int8 (wgmma) peak;
+* ``quantize_per_token`` against its eager PyTorch twin, with the byte floor;
+* ``vmq::multi_scan`` on Vim's two orders (fp32, int8 u / delta, fp16) against
+  ``vmq::bidirectional_scan`` (fp32) and two fp16 one-direction scans: mamba-ssm's
+  ``selective_scan_fn`` where it imports, else vmq's own fp16 scan (labelled so);
+* the training scan's forward + backward (``training_scan("cuda")``) against the reference and
+  mamba-ssm's ``selective_scan_fn``;
+* the VQ GEMM (``vmq::vq_linear``) against decode + cuBLAS fp16 and cuBLAS on a cached fp16 weight;
 * k-means assignment (``vmq::kmeans_assign``) against the chunked-matmul reference.
 End to end on GPU: ``vmq bench FILE --device cuda``.
-Medians of ``--repeats`` timed runs after a warm-up; the two sides of a ratio alternate run by
-run, so that drifts of the machine's speed hit both. ``ratio`` is baseline time / kernel time.
+
+CPU timings: medians of ``--repeats`` timed runs after a warm-up; the two sides of a ratio alternate
+run by run, so that drifts of the machine's speed hit both. ``ratio`` is baseline time / kernel time.
 "fraction of peak" uses the nominal integer peak of the cores for the int8 path the build took
 (``vmq._C.cpu_isa``: avx512-vnni, one 64-product vpdpbusd per cycle; avx2, two 16-product
 vpmaddwd per cycle) at the clock /proc/cpuinfo reports: an estimate, which boost clocks exceed.
@@ -182,133 +189,6 @@ def end_to_end(repeats, rows, packed):
                  "baseline": "fp32 model (fused scan)", "baseline_ms": t_f * 1e3, "ratio": t_f / t_q})
 
 
-def interleaved_cuda(fns, repeats):
-    """:func:`interleaved` with the device synchronised around every run."""
-    import torch
-
-    def synced(f):
-        def run():
-            torch.cuda.synchronize()
-            f()
-            torch.cuda.synchronize()
-        return run
-
-    for f in fns:  # one more warm-up: first launches compile / load modules
-        f()
-    return interleaved([synced(f) for f in fns], repeats)
-
-
-INT8_PEAK = {"H100 PCIe": 1513e12, "H100": 1979e12, "H200": 1979e12, "A100": 624e12}  # dense int8 ops/s (vendor)
-
-
-def int8_peak(name: str) -> float:
-    for key, value in INT8_PEAK.items():
-        if key in name:
-            return value
-    return None
-
-
-def gpu_cases(repeats, rows):
-    import torch
-    import torch.nn.functional as F
-
-    from vmq.ops.kmeans import assign, assign_ref
-    from vmq.models.scan_orders import sequence_orders
-    from vmq.ops.linear import int8_linear, pack_int4, vq_dequantize_ref, vq_linear, w4a8_linear
-    from vmq.ops.multi_scan import multi_scan
-    from vmq.ops.scan import bidirectional_scan
-
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    peak = int8_peak(name)
-    g = torch.Generator(device=dev).manual_seed(0)
-    m = 64 * 197
-    for label, k, n in (("in_proj", 768, 3072), ("x_proj", 1536, 80), ("dt_proj", 48, 1536), ("out_proj", 1536, 768)):
-        x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, device=dev, generator=g)
-        zp = torch.randint(0, 256, (m,), dtype=torch.int32, device=dev, generator=g)
-        xs, ws = torch.rand(m, device=dev, generator=g), torch.rand(n, device=dev, generator=g)
-        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
-        w4 = pack_int4(torch.clamp(w, -8, 7))
-        xb, wb = torch.randn(m, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        xi = (x_q.to(torch.int16) - 128).to(torch.int8)  # _int_mm takes signed activations
-
-        def int_mm_dequant():  # the unfused path: int32 product in global memory, then the scales
-            return torch._int_mm(xi, w.t()).float() * (xs[:, None] * ws[None, :])
-
-        kern = lambda: int8_linear(x_q, xs, zp, w, ws, None, backend="cuda")  # noqa: E731
-        kern4 = lambda: w4a8_linear(x_q, xs, zp, w4, ws, None, backend="cuda")  # noqa: E731
-        bf16 = lambda: F.linear(xb, wb)  # noqa: E731
-        fns = [kern, kern4, bf16] + ([int_mm_dequant] if k % 8 == 0 and n % 8 == 0 else [])  # _int_mm's shape rule
-        times = interleaved_cuda(fns, repeats)
-        ops = 2 * m * k * n
-        rows.append({"case": f"W8A8 GEMM Vim-B {label} ({m}x{k} @ {k}x{n})", "kernel_ms": times[0] * 1e3,
-                     "baseline": "cuBLAS bf16 F.linear", "baseline_ms": times[2] * 1e3, "ratio": times[2] / times[0],
-                     "fraction_of_peak": peak and ops / times[0] / peak})
-        if len(times) == 4:
-            rows.append({"case": f"W8A8 GEMM Vim-B {label}", "kernel_ms": times[0] * 1e3,
-                         "baseline": "torch._int_mm + dequant", "baseline_ms": times[3] * 1e3,
-                         "ratio": times[3] / times[0]})
-        rows.append({"case": f"W4A8 GEMM Vim-B {label}", "kernel_ms": times[1] * 1e3,
-                     "baseline": "cuBLAS bf16 F.linear", "baseline_ms": times[2] * 1e3, "ratio": times[2] / times[1],
-                     "fraction_of_peak": peak and ops / times[1] / peak})
-
-    # fused quantized scan vs two fp16 one-direction scans
-    b, d, l, ns = 64, 1536, 197, 16
-    r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
-    q = lambda: torch.randint(-127, 128, (b, l, d), dtype=torch.int8, device=dev, generator=g).transpose(1, 2)  # noqa: E731
-    sc = lambda: torch.rand(l, device=dev, generator=g) * 0.02  # noqa: E731
-    A, A_b = -torch.exp(r(d, ns) * 0.5), -torch.exp(r(d, ns) * 0.5)
-    Bs = [r(b, l, ns).transpose(1, 2) for _ in range(4)]
-    u, dl, u_b, dl_b, z = q(), q(), q(), q(), r(b, l, d).transpose(1, 2)
-    scales = [sc() for _ in range(4)]
-    fused = lambda: bidirectional_scan(u, dl, A, Bs[0], Bs[1], None, u_b, dl_b, A_b, Bs[2], Bs[3], None, z, True,  # noqa: E731
-                                       True, *scales, backend="cuda")
-    h = [t.half().contiguous() for t in (u.float(), dl.float(), Bs[0], Bs[1], z)]
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-        base_label = "2 x mamba-ssm selective_scan_fn fp16"
-        base = lambda: (selective_scan_fn(h[0], h[1], A, h[2], h[3], None, h[4], None, True),  # noqa: E731
-                        selective_scan_fn(h[0], h[1], A_b, h[2], h[3], None, h[4], None, True))
-    except Exception:
-        base_label = "vmq fused scan fp16 (mamba-ssm not installed)"
-        base = lambda: bidirectional_scan(h[0], h[1], A, h[2], h[3], None, h[0], h[1], A_b, h[2], h[3], None,  # noqa: E731
-                                          h[4], True, True, backend="cuda")
-    t_k, t_b = interleaved_cuda([fused, base], repeats)
-    rows.append({"case": f"quantized scan Vim-B b{b} (d_inner {d}, L {l}, N {ns})", "kernel_ms": t_k * 1e3,
-                 "baseline": base_label, "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
-
-    # the K-direction op on Vim's two orders vs the bidirectional kernel (fp32, token-major inputs)
-    orders = sequence_orders(l).to(dev)
-    mu, md, mA, mB, mC, mD, _, mz = (t.to(dev) if isinstance(t, torch.Tensor) else [x.to(dev) for x in t]
-                                     for t in _multi_scan_args(torch.Generator().manual_seed(0), b, d, ns,
-                                                               orders, shared_u=False))
-    fused = lambda: multi_scan(mu, md, mA, mB, mC, mD, None, mz, orders, orders, l, True, "mean",  # noqa: E731
-                               backend="cuda")
-    base = lambda: bidirectional_scan(mu[0], md[0], mA[0], mB[0], mC[0], mD[0], mu[1], md[1], mA[1], mB[1], mC[1],  # noqa: E731
-                                      mD[1], mz, True, True, backend="cuda")
-    t_k, t_b = interleaved_cuda([fused, base], repeats)
-    rows.append({"case": f"multi_scan Vim-B b{b} K=2 (d_inner {d}, L {l}, N {ns})", "kernel_ms": t_k * 1e3,
-                 "baseline": "vmq::bidirectional_scan", "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
-
-    # VQ GEMM vs decode + cuBLAS fp16
-    k, n, dim, size = 768, 3072, 4, 256
-    x = torch.randn(m, k, device=dev, generator=g)
-    codes = torch.randint(0, size, (n, k // dim), dtype=torch.int32, device=dev, generator=g)
-    cb = torch.randn(1, size, dim, device=dev, generator=g).half()
-    xh = x.half()
-    kern = lambda: vq_linear(xh, codes, cb, n, backend="cuda")  # noqa: E731
-    base = lambda: F.linear(xh, vq_dequantize_ref(codes, cb, k).half())  # noqa: E731
-    t_k, t_b = interleaved_cuda([kern, base], repeats)
-    rows.append({"case": f"VQ GEMM Vim-B in_proj ({m}x{k} @ {k}x{n}, K={size} d={dim})", "kernel_ms": t_k * 1e3,
-                 "baseline": "decode + cuBLAS fp16", "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
-
-    pts, cents = torch.randn(1 << 20, 4, device=dev, generator=g), torch.randn(256, 4, device=dev, generator=g)
-    t_k, t_b = interleaved_cuda([lambda: assign(pts, cents, backend="cuda"), lambda: assign_ref(pts, cents)], repeats)
-    rows.append({"case": "k-means assign (2^20 points, d 4, K 256)", "kernel_ms": t_k * 1e3,
-                 "baseline": "chunked matmul + argmin", "baseline_ms": t_b * 1e3, "ratio": t_b / t_k})
-
-
 def default_packed() -> Path:
     out = ROOT / "runs" / "bench" / "vim_ref_cifar10-w8a8-rtn.safetensors"
     if not out.is_file():
@@ -353,10 +233,13 @@ def main() -> None:
     if not args.gpu_only and not args.scan_only:
         linear_cases(args.repeats, rows, peak_int)
         end_to_end(max(5, args.repeats), rows, args.packed or default_packed())
+    gpu = None
     if args.scan_only:
         pass  # the CPU scan cases only
     elif torch.cuda.is_available() and _library.has_kernel("int8_linear", "cuda"):
-        gpu_cases(args.repeats, rows)
+        import _gpu_kernels  # (beside this file)
+
+        gpu = _gpu_kernels.run()
     elif torch.cuda.is_available():
         print("[kernels] a CUDA device is present but vmq._C was built without CUDA kernels: GPU cases skipped",
               file=sys.stderr)
@@ -364,14 +247,17 @@ def main() -> None:
         raise SystemExit("--gpu-only: no CUDA device")
     if args.json:
         print(json.dumps({"threads": args.threads, "cpu_ghz": ghz, "cpu_isa": isa, "allocator": allocator,
-                          "rows": rows}, indent=2))
+                          "rows": rows, **({"gpu_timing": gpu.label, "gpu_rows": gpu.rows} if gpu else {})}, indent=2))
         return
-    print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz, int8 path {isa}, allocator: {allocator}")
-    print(f"{'case':<62} {'kernel ms':>10} {'baseline ms':>12} {'ratio':>7}  baseline")
+    if rows:
+        print(f"threads {args.threads}, nominal clock {ghz:.2f} GHz, int8 path {isa}, allocator: {allocator}")
+        print(f"{'case':<62} {'kernel ms':>10} {'baseline ms':>12} {'ratio':>7}  baseline")
     for r in rows:
         extra = f"  ({100 * r['fraction_of_peak']:.0f} % of int peak)" if r.get("fraction_of_peak") else ""
         print(f"{r['case']:<62} {r['kernel_ms']:>10.3f} {r['baseline_ms']:>12.3f} {r['ratio']:>7.2f}  "
               f"{r['baseline']}{extra}")
+    if gpu is not None:
+        _gpu_kernels.print_rows(gpu)
 
 
 if __name__ == "__main__":

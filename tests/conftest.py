@@ -29,15 +29,21 @@ def pytest_configure(config):
             raise pytest.UsageError(f"VMQ_REQUIRE_NATIVE=1 but vmq._C is {_library.NATIVE_ERROR}")
         if os.environ.get("VMQ_BUILD_CUDA") == "1" and not _library.NATIVE.cuda_built:
             raise pytest.UsageError("VMQ_BUILD_CUDA=1 but vmq._C was built without its CUDA kernels")
+    if os.environ.get("VMQ_CUDA_KERNELS") == "nvrtc" and torch.cuda.is_available():  # a GPU pass on NVRTC's kernels
+        from vmq.ops import _library
+
+        if _library.CUDA_KERNELS.path != "nvrtc":
+            raise pytest.UsageError(f"VMQ_CUDA_KERNELS=nvrtc but the CUDA kernels are {_library.CUDA_KERNELS.describe()}")
 
 
 def pytest_report_header(config):
     from vmq.ops import _library
 
     native = _library.NATIVE
+    cuda = f"CUDA kernels: {_library.CUDA_KERNELS.describe()}"
     if native is None:
-        return f"vmq._C: {_library.NATIVE_ERROR}"
-    return f"vmq._C: {native.__file__} (CPU int8 path {native.cpu_isa}, CUDA kernels {native.cuda_built})"
+        return [f"vmq._C: {_library.NATIVE_ERROR}", cuda]
+    return [f"vmq._C: {native.__file__} (CPU int8 path {native.cpu_isa}, CUDA kernels {native.cuda_built})", cuda]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,10 @@ The integer kernels (int8_linear, w4a8_linear, quantize_per_token) must be bit-i
 twins, like their CPU counterparts; the scan equals its twin to fp32 rounding (fp16 inputs to
 fp16 rounding); the VQ GEMM to the fp16 rounding of its tensor-core inputs; the k-means
 assignment finds a nearest centroid.
+
+The same tests on the NVRTC build of the kernels (vmq.ops.nvrtc, through CuPy), which then
+override vmq._C's: ``VMQ_CUDA_KERNELS=nvrtc pytest -m gpu tests/test_kernels_gpu.py`` (the
+header line ``CUDA kernels:`` says which path ran).
 """
 
 import pytest
@@ -25,8 +29,8 @@ from vmq.ops.quantize import quantize_per_token, quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan, bidirectional_scan_ref
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_library.NATIVE is None or not getattr(_library.NATIVE, "cuda_built", False),
-                                 reason="vmq._C was built without CUDA kernels")]
+              pytest.mark.skipif(_library.CUDA_KERNELS.path == "none",
+                                 reason=f"no CUDA kernels: {_library.CUDA_KERNELS.describe()}")]
 
 
 def cuda(ts):
@@ -207,9 +211,14 @@ def test_model_forward_cuda_matches_cpu():
     torch.manual_seed(0)
     model = timm.create_model("test_vim").eval()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        with use_backend("ref"):
-            ref = model(x)
-        with use_backend("cuda"):
-            out = model.cuda()(x.cuda())
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 convs / matmuls, as on the CPU
+    try:
+        with torch.no_grad():
+            with use_backend("ref"):
+                ref = model(x)
+            with use_backend("cuda"):
+                out = model.cuda()(x.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)

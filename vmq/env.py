@@ -57,12 +57,15 @@ def check_device(name: str) -> torch.device:
 
 
 def kernels() -> Dict:
-    """The native extension's state, and which devices each vmq op has a compiled kernel for."""
+    """The native extension's state, the path of the CUDA kernels, and which devices each vmq op
+    has a compiled kernel for."""
     out = {"vmq._C": "built" if _library.NATIVE is not None else f"{_library.NATIVE_ERROR} (reference PyTorch ops "
                                                                    f"in use; {BUILD_FIX})"}
     if _library.NATIVE is not None:
         out["vmq._C.cuda_built"] = bool(_library.NATIVE.cuda_built)
         out["vmq._C.cpu_isa"] = _library.NATIVE.cpu_isa
+    # which path serves the CUDA kernels: vmq._C (compiled) | nvrtc (CuPy <version>) | none (why)
+    out["cuda_kernels"] = _library.CUDA_KERNELS.describe()
     for op in _library.SCHEMAS:
         devices = [d for d in ("cpu", "cuda") if _library.has_kernel(op, d)]
         out[f"op.{op}"] = ", ".join(devices) if devices else "reference only"

@@ -10,7 +10,9 @@
 // The integer sum is exact; the epilogue uses correctly rounded operations (__fmul_rn, ...)
 // in the twin's order, so the result is bit-identical to int8_linear_ref. (The CUDA sources are
 // built without --use_fast_math, whose flush-to-zero would change subnormal results.)
+#if !defined(__CUDACC_RTC__)  // host code (NVRTC compiles the kernels only)
 #include <algorithm>
+#endif
 
 #include "cuda/launchers.h"
 #include "cuda/warp_tile.cuh"
@@ -152,6 +154,7 @@ __global__ void quantize_kernel(const float* __restrict__ x, const float* __rest
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // the host launchers (NVRTC compiles the kernels only)
 cudaError_t launch_int_gemm(const GemmArgs& a, int w_bits, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
   // rows on x (up to 2^31 - 1 blocks), output channels on y
@@ -180,5 +183,6 @@ cudaError_t launch_quantize_per_token(const float* x, const float* scale, const 
                                                                          static_cast<float>((1 << bits) - 1));
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace vmq::cuda

@@ -5,9 +5,8 @@
 // the N x K distance matrix never exists. As on the CPU the distance is computed as
 //   sum_j w_j x_j^2 + [ sum_j w_j c_kj^2 - 2 w_j x_j c_kj ]
 // (the bracket decides the argmin; ties go to the lowest index) and clamped at zero.
-#include <cfloat>
-
 #include "cuda/launchers.h"
+#include "cuda/nvrtc_std.h"  // <cfloat>, also under NVRTC
 
 namespace vmq::cuda {
 namespace {
@@ -62,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) kmeans_assign_kernel(const float* __
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_kmeans_assign(const float* x, const float* w, int64_t w_row_stride, const float* centroids,
                                  int64_t n, int64_t k, int64_t d, int64_t* codes, float* dist,
                                  cudaStream_t stream) {
@@ -77,5 +77,6 @@ cudaError_t launch_kmeans_assign(const float* x, const float* w, int64_t w_row_s
   }
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace vmq::cuda

@@ -2,8 +2,9 @@
 // without torch headers. The .cpp bindings beside them check tensors, pick the stream and call
 // these; each returns the launch's cudaError_t.
 #pragma once
-#include <cstdint>
 #include <cuda_runtime.h>
+
+#include "cuda/nvrtc_std.h"  // <cstdint>, also under NVRTC
 
 namespace vmq::cuda {
 

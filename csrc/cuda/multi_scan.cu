@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(kThreads) multi_scan_kernel(MultiScanArgs a, L
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host code (NVRTC compiles the kernels only)
 template <typename TV, typename TF, int kMaxN>
 cudaError_t launch_states(const MultiScanArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.dim + kThreads - 1) / kThreads), static_cast<unsigned>(a.batch));
@@ -168,9 +169,11 @@ cudaError_t launch_typed(const MultiScanArgs& a, cudaStream_t stream) {
   if (a.d_state <= kScanMaxState) return launch_states<TV, TF, kScanMaxState>(a, stream);
   return cudaErrorInvalidValue;
 }
+#endif
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_multi_scan(const MultiScanArgs& a, cudaStream_t stream) {
   if (a.batch == 0 || a.dim == 0 || a.seqlen == 0) return cudaSuccess;
   if (a.K < 1 || a.batch > 65535) return cudaErrorInvalidValue;
@@ -185,5 +188,6 @@ cudaError_t launch_multi_scan(const MultiScanArgs& a, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+#endif
 
 }  // namespace vmq::cuda

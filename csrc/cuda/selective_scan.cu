@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(kThreads) bidirectional_scan_kernel(ScanArgs a
   run_direction<TV, TF, kMaxN>(a, a.bwd, b, e, active, true, bc);
 }
 
+#if !defined(__CUDACC_RTC__)  // host code (NVRTC compiles the kernels only)
 template <typename TV, typename TF>
 cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.dim + kThreads - 1) / kThreads), static_cast<unsigned>(a.batch));
@@ -107,9 +108,11 @@ cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
   }
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_bidirectional_scan(const ScanArgs& a, cudaStream_t stream) {
   if (a.batch == 0 || a.dim == 0 || a.len == 0) return cudaSuccess;
   const bool half = a.float_type == ScanType::kHalf;
@@ -123,5 +126,6 @@ cudaError_t launch_bidirectional_scan(const ScanArgs& a, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+#endif
 
 }  // namespace vmq::cuda

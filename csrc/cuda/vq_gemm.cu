@@ -84,11 +84,13 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(VqGemmArgs a) {
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_vq_gemm(const VqGemmArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((a.m + kBM - 1) / kBM), static_cast<unsigned>((a.n + kBN - 1) / kBN));
   vq_gemm_kernel<<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace vmq::cuda

@@ -11,7 +11,7 @@
 //   C: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8;
 // with g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k32 / m16n8k16").
 #pragma once
-#include <cstdint>
+#include "cuda/nvrtc_std.h"  // <cstdint>, also under NVRTC
 
 namespace vmq::cuda::tile {
 

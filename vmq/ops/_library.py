@@ -2,7 +2,10 @@
 
 The CPU and CUDA implementations register themselves from the compiled extension ``vmq._C``
 (``TORCH_LIBRARY_IMPL(vmq, CPU | CUDA, m)`` in ``csrc/``); importing this module declares the
-schemas first, then loads the extension when it is built. Each op has a pure-PyTorch twin
+schemas first, then loads the extension when it is built. Where vmq._C has no CUDA kernels but
+the machine has a GPU and CuPy, :mod:`vmq.ops.nvrtc` registers the CUDA kernels instead, built
+from the same ``csrc/cuda`` sources by NVRTC at run time (:data:`CUDA_KERNELS` says which path
+serves them; ``VMQ_CUDA_KERNELS`` chooses). Each op has a pure-PyTorch twin
 ``<op>_ref`` in :mod:`vmq.ops` with the schema's arguments, which defines its arithmetic and is
 registered as the op's default (CompositeExplicitAutograd) implementation by
 :mod:`vmq.ops._defaults`, so ``torch.ops.vmq.<op>`` runs on any device, built or not; a compiled
@@ -15,6 +18,8 @@ from __future__ import annotations
 import functools
 import importlib
 import torch
+
+from vmq.ops import nvrtc
 
 SCHEMAS = {
     # the trainable one-direction scan's core recurrence (vmq.ops.scan_train)
@@ -146,14 +151,19 @@ def _load_native():
 
 
 NATIVE, NATIVE_ERROR = _load_native()
+# the path of the CUDA kernels: vmq._C's, NVRTC's (registered now, over vmq._C's if
+# VMQ_CUDA_KERNELS=nvrtc) or none
+CUDA_KERNELS = nvrtc.install(native_cuda=NATIVE is not None and bool(getattr(NATIVE, "cuda_built", False)))
 
 
 @functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether ``vmq::<op>`` has a compiled kernel of vmq._C for ``device_type`` ("cpu" or "cuda").
+    """Whether ``vmq::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda"): vmq._C's,
+    or for "cuda" the NVRTC build of the same source (:data:`CUDA_KERNELS`).
 
     Asks for a registration on that device's own dispatch key, which the default
     (CompositeExplicitAutograd) twin is not. Cached: the kernels are registered once, when
-    vmq._C is imported above (every forward asks).
+    this module is imported (every forward asks).
     """
-    return NATIVE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())
+    registered = CUDA_KERNELS.path != "none" if device_type == "cuda" else NATIVE is not None
+    return registered and torch._C._dispatch_has_kernel_for_dispatch_key(f"vmq::{op}", device_type.upper())

@@ -1,7 +1,8 @@
 """Kernel choice: ``auto | cuda | cpu | ref`` for every op in :mod:`vmq.ops`.
 
 * ``ref``: the pure-PyTorch twin ``<op>_ref`` (defines the arithmetic; runs anywhere).
-* ``cpu`` / ``cuda``: the compiled kernel of ``vmq._C`` for that device, or a clear error
+* ``cpu`` / ``cuda``: the compiled kernel of ``vmq._C`` for that device (for ``cuda``, or its
+  NVRTC build through CuPy, :mod:`vmq.ops.nvrtc`), or a clear error
   (tensors on another device, extension not built, or an input the kernel does not take);
   for an op that by design has no kernel on that device (:data:`CAPABILITIES` says
   ``fallback``), the twin.
@@ -23,7 +24,7 @@ from typing import Dict, Iterator, Optional
 from torch import Tensor
 
 from vmq.errors import VmqError
-from vmq.ops import _library
+from vmq.ops import _library, nvrtc
 
 BACKENDS = ("auto", "cuda", "cpu", "ref")
 BUILD_FIX = ("build it from the vmq source checkout with `pip install --no-build-isolation -e .` "
@@ -101,11 +102,14 @@ def use_native(op: str, t: Tensor, backend: Optional[str], takes: bool = True, w
     if backend == "auto":
         return available and takes
     if not available:
+        # for cuda: or CuPy, which builds the same kernels without a toolkit (or why that path is off)
+        hint = nvrtc.missing_hint(_library.CUDA_KERNELS) if backend == "cuda" else ""
         if _library.NATIVE is None:
             raise VmqError(f"the {backend} kernel of {op} needs the vmq._C extension, which is "
-                           f"{native_status()}: {BUILD_FIX}")
+                           f"{native_status()}: {BUILD_FIX}{hint}")
         raise VmqError(f"vmq._C was built without a {backend} kernel for {op}"
-                       + ("; rebuild with a CUDA toolkit (nvcc) and a CUDA build of torch" if backend == "cuda" else ""))
+                       + (f"; rebuild with a CUDA toolkit (nvcc) and a CUDA build of torch{hint}" if backend == "cuda"
+                          else ""))
     if not takes:
         raise VmqError(f"the {backend} kernel of {op} {why}")
     return True
