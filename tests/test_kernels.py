@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import vmq.models  # noqa: F401  (registers the models)
 from vmq.errors import VmqError
+from vmq.layers import QuantizedLinear, VQLinear
 from vmq.ops import _library
 from vmq.ops.backend import use_backend, use_native
 from vmq.ops.conv import bidirectional_conv1d_silu, bidirectional_conv1d_silu_ref
@@ -460,6 +461,11 @@ def test_rms_norm_matches_twin(shape):
         torch.ops.vmq.rms_norm(x, w.detach()[:-1] if shape[-1] > 1 else w.detach().double(), 1e-5)
 
 
+def _opcheck_op(case):
+    """The op of an _opcheck_cases entry (variants end in _requant or _w_sum)."""
+    return case.replace("_requant", "").replace("_w_sum", "")
+
+
 def _opcheck_cases():
     scan = _scan_inputs(2, 12, 5, 4)
     lin = _linear_inputs(2, 3, 10, 7)
@@ -475,9 +481,12 @@ def _opcheck_cases():
         "rms_norm": (torch.randn(2, 5, 24, generator=g), torch.randn(24, generator=g), 1e-5),
         "int8_linear": (*lin[:6], None, None, 8),
         "int8_linear_requant": (*lin, 8),
+        "int8_linear_w_sum": (*lin, 8, lin[3].sum(1, dtype=torch.int32)),
         "int8_linear_from_float": (torch.randn(2, 3, 10, generator=g), torch.rand(10, generator=g) + 0.5, lin[1],
                                    lin[2], 8, lin[3], lin[4], lin[5]),
         "w4a8_linear": (*lin[:3], pack_int4(torch.clamp(lin[3], -8, 7)[:, :10]), *lin[4:], 8),
+        "w4a8_linear_w_sum": (*lin[:3], pack_int4(torch.clamp(lin[3], -8, 7)), *lin[4:], 8,
+                              torch.clamp(lin[3], -8, 7).sum(1, dtype=torch.int32)),
         "vq_linear": _vq_inputs(3, 10, 7, 4, 8, 4),
         "quantize_per_token": (torch.randn(2, 3, 10, generator=g), lin[1], lin[2], 8),
         "kmeans_assign": (x, None, c),
@@ -490,7 +499,7 @@ def _opcheck_cases():
 @native
 @pytest.mark.parametrize("case", sorted(_opcheck_cases()))
 def test_opcheck(case):
-    op = getattr(torch.ops.vmq, case.replace("_requant", ""))
+    op = getattr(torch.ops.vmq, _opcheck_op(case))
     torch.library.opcheck(op, _opcheck_cases()[case])
 
 
@@ -527,3 +536,133 @@ def test_model_forward_same_on_every_cpu_backend():
     assert model(x).requires_grad
     with use_backend("cpu"), pytest.raises(VmqError, match="without gradients"):
         model(x)
+
+
+# ---- per-token parameters: one contract for the twins and the kernels ---------------------------
+
+def _mixed_kind_calls(lin):
+    """(label, call) for every mix of per-token kinds; each must be refused by twin and kernel alike."""
+    x_q, xs, zp, w, ws, bias, os_, oz = lin  # per row: (batch, tokens)
+    t = x_q.shape[1]
+    flat = lambda p: p.reshape(-1)  # noqa: E731  ((batch * tokens,): neither (tokens,) nor (batch, tokens))
+    return [
+        ("out_zero_point per token, out_scale per row", (x_q, xs, zp, w, ws, bias, os_, oz[0], 8)),
+        ("out_scale per token, out_zero_point per row", (x_q, xs, zp, w, ws, bias, os_[0], oz, 8)),
+        ("out params per token, x params per row", (x_q, xs, zp, w, ws, bias, os_[0], oz[0], 8)),
+        ("x_zero_point per token, x_scale per row", (x_q, xs, zp[0], w, ws, bias, None, None, 8)),
+        ("flattened x_scale", (x_q, flat(xs), flat(zp), w, ws, bias, None, None, 8)),
+        ("flattened out params", (x_q, xs, zp, w, ws, bias, flat(os_), flat(oz), 8)),
+        ("x params of another length", (x_q, xs[:, :t - 1], zp[:, :t - 1], w, ws, bias, None, None, 8)),
+    ]
+
+
+@native
+def test_int_linear_refuses_mixed_per_token_kinds_like_its_twin():
+    """Scales and zero points all (tokens,) or all x.shape[:-1]: the kernels index every one of them
+    with one row index, so a mix the twin used to broadcast read past out_zero_point's end."""
+    lin = _linear_inputs(2, 5, 32, 16, seed=3, per_row=True)
+    w4 = pack_int4(torch.clamp(lin[3], -8, 7))
+    for label, args in _mixed_kind_calls(lin):
+        with pytest.raises(ValueError, match="per-token parameters"):
+            int8_linear_ref(*args)
+        with pytest.raises(RuntimeError, match="x_scale|x_zero_point|out_scale|out_zero_point"):
+            torch.ops.vmq.int8_linear(*args)
+        with pytest.raises(ValueError, match="per-token parameters"):  # the wrapper says what the twin says
+            int8_linear(*args, backend="cpu")
+        packed = (*args[:3], w4, *args[4:])
+        with pytest.raises(ValueError, match="per-token parameters"):
+            w4a8_linear_ref(*packed)
+        with pytest.raises(RuntimeError, match="x_scale|x_zero_point|out_scale|out_zero_point"):
+            torch.ops.vmq.w4a8_linear(*packed)
+    # batch 1: (tokens,) and (1, tokens) are both per token; mixing them is fine for all
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(1, 5, 32, 16, seed=4)
+    args = (x_q, xs, zp[None], w, ws, bias, os_[None], oz, 8)
+    assert torch.equal(int8_linear(*args, backend="cpu"), int8_linear_ref(*args))
+
+
+@native
+def test_quantize_per_token_refuses_what_its_twin_refuses():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 12, generator=g)
+    s, z = torch.rand(2, 5, generator=g) + 0.1, torch.randint(0, 256, (2, 5), dtype=torch.int32, generator=g)
+    for label, (ss, zz) in {"flattened": (s.reshape(-1), z.reshape(-1)), "mixed kinds": (s, z[0]),
+                            "other length": (s[:, :4], z[:, :4])}.items():
+        with pytest.raises(ValueError, match="per-token parameters"):
+            quantize_per_token_ref(x, ss, zz)
+        with pytest.raises(RuntimeError, match="scale|zero_point"):
+            torch.ops.vmq.quantize_per_token(x, ss, zz, 8)
+        with pytest.raises(ValueError, match="per-token parameters"):
+            quantize_per_token(x, ss, zz, backend="cpu")
+    assert torch.equal(quantize_per_token(x, s, z, backend="cpu"), quantize_per_token_ref(x, s, z))
+
+
+# ---- the weights' row sums, given once --------------------------------------------------------
+
+@native
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 65, 96, 38), (1, 13, 192, 384)])
+def test_int_linear_with_cached_w_sum_is_identical(shape):
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(*shape)
+    w_sum = w.sum(1, dtype=torch.int32)
+    for tail in ((None, None, 8), (os_, oz, 8), (os_, oz % 16, 4)):
+        ref = int8_linear_ref(x_q, xs, zp, w, ws, bias, *tail)
+        assert torch.equal(int8_linear_ref(x_q, xs, zp, w, ws, bias, *tail, w_sum), ref)
+        assert torch.equal(int8_linear(x_q, xs, zp, w, ws, bias, *tail, w_sum=w_sum, backend="cpu"), ref)
+        assert torch.equal(torch.ops.vmq.int8_linear(x_q, xs, zp, w, ws, bias, *tail, w_sum), ref)
+    if shape[2] % 2 == 0:
+        w4 = torch.clamp(w, -8, 7)
+        packed, w4_sum = pack_int4(w4), w4.sum(1, dtype=torch.int32)
+        ref = w4a8_linear_ref(x_q, xs, zp, packed, ws, bias)
+        assert torch.equal(w4a8_linear_ref(x_q, xs, zp, packed, ws, bias, w_sum=w4_sum), ref)
+        assert torch.equal(w4a8_linear(x_q, xs, zp, packed, ws, bias, w_sum=w4_sum, backend="cpu"), ref)
+    # the sums are used as given (what a layer caches must be right): a wrong one shows, the same in both
+    off = w_sum + 1
+    want = int8_linear_ref(x_q, xs, zp, w, ws, bias, w_sum=off)
+    assert torch.equal(torch.ops.vmq.int8_linear(x_q, xs, zp, w, ws, bias, None, None, 8, off), want)
+    assert not torch.equal(want, int8_linear_ref(x_q, xs, zp, w, ws, bias)) or not zp.any()
+
+
+@native
+def test_int_linear_refuses_a_bad_w_sum():
+    x_q, xs, zp, w, ws, bias, _, _ = _linear_inputs(1, 4, 8, 5)
+    for bad in (w.sum(1), w.sum(1, dtype=torch.int32)[:4], w.sum(1, dtype=torch.int32)[None]):
+        with pytest.raises(ValueError, match="w_sum must be"):
+            int8_linear_ref(x_q, xs, zp, w, ws, bias, w_sum=bad)
+        with pytest.raises(RuntimeError, match="w_sum must be"):
+            torch.ops.vmq.int8_linear(x_q, xs, zp, w, ws, bias, None, None, 8, bad)
+
+
+@native
+def test_quantized_linear_caches_its_row_sums_outside_its_state():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randint(-127, 128, (24, 40), dtype=torch.int8, generator=g)
+    layer = QuantizedLinear(w, torch.rand(24, generator=g) * 0.01, 8, "channel", 8, "token_dynamic")
+    x = torch.randn(2, 7, 40, generator=g)
+    with use_backend("cpu"):
+        first = layer(x)
+        cached = layer.kernels._w_sum[1]
+        assert torch.equal(cached, w.sum(1, dtype=torch.int32)) and torch.equal(layer(x), first)
+        assert layer.kernels._w_sum[1] is cached  # reused while the weight is unchanged
+        layer.weight[0, 0] = 0  # in place, a new version: summed again
+        assert torch.equal(layer(x)[..., 1:], first[..., 1:])
+        assert torch.equal(layer.kernels._w_sum[1], layer.weight.sum(1, dtype=torch.int32))
+        layer.weight = layer.weight.clone()  # another tensor (what .to(device) gives): summed again
+        out = layer(x)
+        assert layer.kernels._w_sum[1] is not cached
+    with use_backend("ref"):  # the twin takes the cached sums too
+        assert torch.equal(layer(x), out)
+    assert not any("sum" in k for k in layer.state_dict()) and not any("sum" in k for k in layer.packed_tensors())
+
+
+def test_vq_linear_layer_checks_its_codes_once():
+    codes = torch.randint(0, 16, (6, 4), dtype=torch.int32)
+    codebook = torch.randn(1, 16, 4).half()
+    bad = codes.clone()
+    bad[2, 1] = 16
+    with pytest.raises(ValueError, match="codewords"):
+        VQLinear(bad, codebook, 16)
+    with pytest.raises(ValueError, match="codewords"):
+        VQLinear(-codes - 1, codebook, 16)
+    layer = VQLinear(codes, codebook, 16)  # packed codes are log2(size) bits: always in range when loaded
+    spec = layer.spec()
+    again = VQLinear.from_packed(spec, dict(layer.packed_tensors()), (6, 16))
+    assert torch.equal(again.weight_codes, codes)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vmq.ops
-from tests.test_kernels import _opcheck_cases
+from tests.test_kernels import _opcheck_cases, _opcheck_op
 from vmq.errors import VmqError
 from vmq.ops import _defaults, _library
 from vmq.ops.backend import CAPABILITIES, current_backend, use_backend, use_native
@@ -155,7 +155,7 @@ def _same(a, b):
 def test_default_kernel_is_the_twin_in_the_fake_layout(case):
     """The registered default run directly (a dispatch key without compiled kernels): the twin's
     values, with the dtypes, shapes and strides of the op's fake implementation."""
-    op = case.replace("_requant", "")
+    op = _opcheck_op(case)
     args = _opcheck_cases()[case]
     out = getattr(torch.ops.vmq, op).default.redispatch(torch._C.DispatchKeySet("XPU"), *args)
     _same(out, _defaults.TWINS[op](*args))
@@ -172,11 +172,11 @@ def test_ops_run_and_pass_opcheck_without_the_extension():
         "from vmq.ops import _library\n"
         "assert _library.NATIVE is None and _library.NATIVE_ERROR == 'not built'\n"
         "assert not any(_library.has_kernel(op, d) for op in _library.SCHEMAS for d in ('cpu', 'cuda'))\n"
-        "from tests.test_kernels import _opcheck_cases\n"
+        "from tests.test_kernels import _opcheck_cases, _opcheck_op\n"
         "cases = _opcheck_cases()\n"
-        "assert {c.replace('_requant', '') for c in cases} == set(_library.SCHEMAS)\n"
+        "assert {_opcheck_op(c) for c in cases} == set(_library.SCHEMAS)\n"
         "for name, args in sorted(cases.items()):\n"
-        "    torch.library.opcheck(getattr(torch.ops.vmq, name.replace('_requant', '')), args)\n"
+        "    torch.library.opcheck(getattr(torch.ops.vmq, _opcheck_op(name)), args)\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,12 @@
 //
 // Weights are repacked per call into blocks of 16 output channels, kGk consecutive inputs per
 // lane (a pass over N x K bytes, small next to the M x N x K product); a register tile
-// accumulates kMr rows x 16 channels at a time.
+// accumulates kMr rows x 16 channels at a time. The row sums of the weights come with the call
+// (w_sum, cached by the layer) or are summed during the repacking.
+//
+// Per-token parameters (x_scale, x_zero_point, out_scale, out_zero_point) are shaped (tokens,)
+// or x.shape[:-1], as the twin requires, and all four of one kind: row m reads entry
+// m % numel of each.
 #include <torch/library.h>
 #include <c10/util/accumulate.h>
 #include <ATen/ATen.h>
@@ -112,7 +117,8 @@ inline void finish_tile(const Epilogue& e, int64_t m0, int rows, const int64_t* 
 }
 
 // Weights (N, K) int8 -> blocks of kNr channels: for block j, group p, kNr lanes of
-// (w[n, kGk p], ..., w[n, kGk p + kGk - 1]), zero past the edges.
+// (w[n, kGk p], ..., w[n, kGk p + kGk - 1]), zero past the edges; and, unless w_sum is null,
+// the row sums.
 void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t* w_sum) {
   const int64_t kp = (k + kGk - 1) / kGk, full = k / kGk, blocks = (n + kNr - 1) / kNr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -132,9 +138,11 @@ void pack_weights(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int32_t
           std::memcpy(tail, src + full * kGk, k - full * kGk);
           std::memcpy(lane + full * kNr * kGk, tail, kGk);
         }
-        int32_t sum = 0;
-        for (int64_t c = 0; c < k; ++c) sum += src[c];
-        w_sum[row] = sum;
+        if (w_sum) {
+          int32_t sum = 0;
+          for (int64_t c = 0; c < k; ++c) sum += src[c];
+          w_sum[row] = sum;
+        }
       }
     }
   });
@@ -294,21 +302,27 @@ void check_zero_points(const char* op, const at::Tensor& zp_float) {
   }
 }
 
-void check_per_token(const char* op, const at::Tensor& t, at::ScalarType dtype, int64_t tokens, int64_t rows,
+// a per-token parameter: shape (tokens,) or x.shape[:-1] (vmq.ops.quantize.check_per_token)
+void check_token_shape(const char* op, const at::Tensor& t, at::IntArrayRef x_sizes, const char* what) {
+  const at::IntArrayRef rows = x_sizes.slice(0, x_sizes.size() - 1), tokens = x_sizes.slice(x_sizes.size() - 2, 1);
+  TORCH_CHECK(t.sizes() == tokens || t.sizes() == rows, op, ": ", what, " must be (", tokens[0], ",) or ", rows,
+              " (one value per token or per row), got ", t.sizes());
+}
+
+void check_per_token(const char* op, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef x_sizes,
                      const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, op, ": ", what, " must be a CPU ", dtype,
               " tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == tokens || t.numel() == rows, op, ": ", what, " must hold one value per token (",
-              tokens, ") or per row (", rows, "), got ", t.numel());
+  check_token_shape(op, t, x_sizes, what);
 }
 
 // The weight-side and epilogue checks shared by both entry points; returns the output.
 template <class Rows>
 at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes, const at::TensorOptions& opts,
-                      int64_t m, int64_t k, int64_t tokens, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                      int64_t m, int64_t k, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                       const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
-                      int64_t out_bits) {
+                      int64_t out_bits, const std::optional<at::Tensor>& w_sum_given) {
   TORCH_CHECK(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2, op,
               ": w_q must be an int8 CPU tensor (out_features, in_features)");
   const int64_t n = w_q.size(0);
@@ -322,10 +336,17 @@ at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes,
   TORCH_CHECK(out_scale.has_value() == out_zero_point.has_value(), op, ": out_scale and out_zero_point go together");
   if (out_scale) {
     TORCH_CHECK(out_bits >= 2 && out_bits <= 8, op, ": out_bits must be 2..8, got ", out_bits);
-    check_per_token(op, *out_scale, at::kFloat, tokens, m, "out_scale");
-    check_per_token(op, *out_zero_point, at::kInt, tokens, m, "out_zero_point");
-    TORCH_CHECK(out_scale->numel() == x_scale.numel(), op,
-                ": out_scale must have the size of x_scale (per token or per row)");
+    check_per_token(op, *out_scale, at::kFloat, x_sizes, "out_scale");
+    check_per_token(op, *out_zero_point, at::kInt, x_sizes, "out_zero_point");
+    TORCH_CHECK(out_scale->numel() == x_scale.numel() && out_zero_point->numel() == x_scale.numel(), op,
+                ": out_scale and out_zero_point must be of x_scale's kind (all per token or all per row), got ",
+                out_scale->sizes(), " and ", out_zero_point->sizes(), " with x_scale ", x_scale.sizes());
+  }
+  if (w_sum_given) {
+    TORCH_CHECK(w_sum_given->device().is_cpu() && w_sum_given->scalar_type() == at::kInt && w_sum_given->dim() == 1 &&
+                    w_sum_given->size(0) == n,
+                op, ": w_sum must be the int32 (", n, ",) row sums of the weights on the CPU, got ",
+                w_sum_given->scalar_type(), " ", w_sum_given->sizes(), " on ", w_sum_given->device());
   }
   const at::Tensor wc = w_q.contiguous(), xs = x_scale.contiguous(), xz = x_zero_point.contiguous(),
                    ws = w_scale.contiguous();
@@ -339,8 +360,9 @@ at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes,
   if (m == 0 || n == 0) return out;
   const int64_t kp = (k + kGk - 1) / kGk, blocks = (n + kNr - 1) / kNr;
   std::vector<int8_t> packed(std::max<int64_t>(blocks * kp * kGk * kNr, 1));
-  std::vector<int32_t> w_sum(blocks * kNr, 0);
-  pack_weights(wc.data_ptr<int8_t>(), n, k, packed.data(), w_sum.data());
+  std::vector<int32_t> w_sum(blocks * kNr, 0);  // padded to whole blocks for the epilogue's loads
+  if (w_sum_given) std::copy_n(w_sum_given->contiguous().data_ptr<int32_t>(), n, w_sum.begin());
+  pack_weights(wc.data_ptr<int8_t>(), n, k, packed.data(), w_sum_given ? nullptr : w_sum.data());
   std::vector<float> w_scale_pad(blocks * kNr, 0.f), bias_pad(bias ? blocks * kNr : 0, 0.f);
   std::copy_n(ws.data_ptr<float>(), n, w_scale_pad.begin());
   if (bias) std::copy_n(bc.data_ptr<float>(), n, bias_pad.begin());
@@ -367,17 +389,18 @@ at::Tensor run_linear(const char* op, const Rows& rows, at::IntArrayRef x_sizes,
 at::Tensor int8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                        const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
-                       int64_t out_bits) {
+                       int64_t out_bits, const std::optional<at::Tensor>& w_sum) {
   TORCH_CHECK(x_q.device().is_cpu() && x_q.scalar_type() == at::kByte && x_q.dim() >= 2,
               "int8_linear: x_q must be a uint8 CPU tensor (..., tokens, in_features)");
-  const int64_t k = x_q.size(-1), tokens = x_q.size(-2);
+  const int64_t k = x_q.size(-1);
   const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);  // rows, also when k = 0
-  check_per_token("int8_linear", x_scale, at::kFloat, tokens, m, "x_scale");
-  check_per_token("int8_linear", x_zero_point, at::kInt, tokens, m, "x_zero_point");
-  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), "int8_linear: x_scale and x_zero_point differ in size");
+  check_per_token("int8_linear", x_scale, at::kFloat, x_q.sizes(), "x_scale");
+  check_per_token("int8_linear", x_zero_point, at::kInt, x_q.sizes(), "x_zero_point");
+  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), "int8_linear: x_scale and x_zero_point must be of one kind "
+              "(per token or per row), got ", x_scale.sizes(), " and ", x_zero_point.sizes());
   const at::Tensor xc = x_q.contiguous();
-  return run_linear("int8_linear", QuantizedRows{xc.data_ptr<uint8_t>(), k}, x_q.sizes(), x_q.options(), m, k, tokens,
-                    x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits);
+  return run_linear("int8_linear", QuantizedRows{xc.data_ptr<uint8_t>(), k}, x_q.sizes(), x_q.options(), m, k,
+                    x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits, w_sum);
 }
 
 // float activations: optional smoothing (x / smooth_scale), per-token quantization to x_bits,
@@ -390,11 +413,12 @@ at::Tensor int8_linear_from_float(const at::Tensor& x, const std::optional<at::T
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2, kOp,
               ": x must be a float32 CPU tensor (..., tokens, in_features)");
   TORCH_CHECK(x_bits >= 2 && x_bits <= 8, kOp, ": x_bits must be 2..8, got ", x_bits);
-  const int64_t k = x.size(-1), tokens = x.size(-2);
+  const int64_t k = x.size(-1);
   const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  check_per_token(kOp, x_scale, at::kFloat, tokens, m, "x_scale");
-  check_per_token(kOp, x_zero_point, at::kInt, tokens, m, "x_zero_point");
-  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), kOp, ": x_scale and x_zero_point differ in size");
+  check_per_token(kOp, x_scale, at::kFloat, x.sizes(), "x_scale");
+  check_per_token(kOp, x_zero_point, at::kInt, x.sizes(), "x_zero_point");
+  TORCH_CHECK(x_scale.numel() == x_zero_point.numel(), kOp, ": x_scale and x_zero_point must be of one kind "
+              "(per token or per row), got ", x_scale.sizes(), " and ", x_zero_point.sizes());
   if (smooth_scale) {
     TORCH_CHECK(smooth_scale->device().is_cpu() && smooth_scale->scalar_type() == at::kFloat &&
                     smooth_scale->numel() == k,
@@ -405,8 +429,8 @@ at::Tensor int8_linear_from_float(const at::Tensor& x, const std::optional<at::T
   check_zero_points(kOp, zf);
   const FloatRows rows{xc.data_ptr<float>(), smooth_scale ? sc.data_ptr<float>() : nullptr, xs.data_ptr<float>(),
                        zf.data_ptr<float>(), xs.numel(), k, static_cast<float>((1 << x_bits) - 1)};
-  return run_linear(kOp, rows, x.sizes(), x.options(), m, k, tokens, x_scale, x_zero_point, w_q, w_scale, bias,
-                    std::nullopt, std::nullopt, 8);
+  return run_linear(kOp, rows, x.sizes(), x.options(), m, k, x_scale, x_zero_point, w_q, w_scale, bias,
+                    std::nullopt, std::nullopt, 8, std::nullopt);
 }
 
 // q = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1): the twin is quantize_per_token_ref
@@ -415,14 +439,14 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2,
               "quantize_per_token: x must be a float32 CPU tensor (..., tokens, channels)");
   TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_per_token: bits must be 2..8, got ", bits);
-  const int64_t c = x.size(-1), tokens = x.size(-2);
+  const int64_t c = x.size(-1);
   const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // rows, also when c = 0
-  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
-                  (scale.numel() == tokens || scale.numel() == m),
-              "quantize_per_token: scale must be float32 with one value per token or per row");
-  TORCH_CHECK(zero_point.device().is_cpu() && zero_point.numel() == scale.numel() &&
-                  (zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kFloat),
-              "quantize_per_token: zero_point must be int32 or float32, shaped like scale");
+  check_per_token("quantize_per_token", scale, at::kFloat, x.sizes(), "scale");
+  TORCH_CHECK(zero_point.device().is_cpu() && (zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kFloat),
+              "quantize_per_token: zero_point must be an int32 or float32 CPU tensor");
+  check_token_shape("quantize_per_token", zero_point, x.sizes(), "zero_point");
+  TORCH_CHECK(zero_point.numel() == scale.numel(), "quantize_per_token: scale and zero_point must be of one kind "
+              "(per token or per row), got ", scale.sizes(), " and ", zero_point.sizes());
   const at::Tensor xc = x.contiguous(), sc = scale.contiguous(), zc = zero_point.to(at::kFloat).contiguous();
   check_zero_points("quantize_per_token", zc);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
@@ -441,7 +465,7 @@ at::Tensor quantize_per_token(const at::Tensor& x, const at::Tensor& scale, cons
 at::Tensor w4a8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                        const at::Tensor& w_packed, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_zero_point,
-                       int64_t out_bits) {
+                       int64_t out_bits, const std::optional<at::Tensor>& w_sum) {
   TORCH_CHECK(w_packed.device().is_cpu() && w_packed.scalar_type() == at::kByte && w_packed.dim() == 2,
               "w4a8_linear: w_packed must be a uint8 CPU tensor (out_features, in_features / 2)");
   TORCH_CHECK(x_q.dim() >= 1 && x_q.size(-1) == 2 * w_packed.size(1),
@@ -455,7 +479,7 @@ at::Tensor w4a8_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const a
     dst[2 * i] = static_cast<int8_t>(((src[i] & 15) ^ 8) - 8);
     dst[2 * i + 1] = static_cast<int8_t>(((src[i] >> 4) ^ 8) - 8);
   }
-  return int8_linear(x_q, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, out_bits);
+  return int8_linear(x_q, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, out_bits, w_sum);
 }
 
 }  // namespace

@@ -66,7 +66,7 @@ cudaError_t launch_kmeans_assign(const float* x, const float* w, int64_t w_row_s
                                  int64_t n, int64_t k, int64_t d, int64_t* codes, float* dist,
                                  cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (k == 0 || d < 1 || d > kKmeansMaxDim) return cudaErrorInvalidValue;
+  if (k == 0 || d < 1 || d > kKmeansMaxDim) return cudaErrorNotSupported;  // the binding refuses these
   const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
   if (d <= 8) {
     kmeans_assign_kernel<8><<<blocks, kThreads, 0, stream>>>(x, w, w_row_stride, centroids, n, k,

@@ -93,9 +93,10 @@ struct MultiScanArgs {
 cudaError_t launch_multi_scan(const MultiScanArgs& a, cudaStream_t stream);
 
 // ---- VQ-weight GEMM (vq_gemm.cu) -------------------------------------------------------------
-// y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], w[n, j*d + i] = codebook[n / rows_per_group,
-// codes[n, j], i] * scale[n]; the weight tile is decoded into shared memory as fp16 and
-// multiplied on the tensor cores with fp32 accumulation.
+// y[m, n] = scale[n] * sum_k x[m, k] * c[n, k] + bias[n], c[n, j*d + i] = codebook[n / rows_per_group,
+// codes[n, j], i]; the codeword tile is decoded into shared memory and multiplied on the tensor
+// cores with fp32 accumulation: fp16 x with the fp16 codewords, fp32 x as bfloat16 (codewords
+// too). Codes are trusted (an out-of-range one reads as NaN).
 struct VqGemmArgs {
   const void* x;        // (M, K) float32 or float16, row-major
   bool x_half;

@@ -11,8 +11,9 @@
 // The bidirectional kernel (selective_scan.cu) generalised: one thread per (batch, channel), its
 // state in registers; a block holds 128 channels of one sample. Per direction, the input
 // positions and output tokens of 32 steps at a time are staged in shared memory with their
-// B and C (shared by every channel; zero at padding steps). Each thread first zeroes its
-// column of the token-major output, every direction adds its y into it (walking its order by
+// B and C (shared by every channel; zero at padding steps, and zero-padded to the kernel's
+// kMaxN states, which with A = 0 stay 0 and add 0 to y: see selective_scan.cu). Each thread first
+// zeroes its column of the token-major output, every direction adds its y into it (walking its order by
 // index: nothing is gathered or copied), and a last pass scales and gates the column. Up to 8
 // directions go to one launch (passed by value); more take further launches on the stream.
 #include <cuda_fp16.h>
@@ -71,9 +72,9 @@ __device__ void scan_direction(const MultiScanArgs& a, const MultiScanDirection&
       pos_s[i] = p;
       tok_s[i] = (p >= 0 && t >= 0 && t < a.seqlen) ? t : -1;  // padding steps add 0: skipped
     }
-    for (int i = threadIdx.x; i < steps * ns; i += blockDim.x) {
-      const int s = i / ns, n = i % ns;
-      const int64_t p = position(a, k, c0 + s);
+    for (int i = threadIdx.x; i < steps * kMaxN; i += blockDim.x) {
+      const int s = i / kMaxN, n = i % kMaxN;
+      const int64_t p = n < ns ? position(a, k, c0 + s) : -1;
       bc[s * 2 * kMaxN + n] = p >= 0 ? load<TF>(d.B, b, n, p) : 0.f;
       bc[s * 2 * kMaxN + kMaxN + n] = p >= 0 ? load<TF>(d.C, b, n, p) : 0.f;
     }
@@ -94,11 +95,9 @@ __device__ void scan_direction(const MultiScanArgs& a, const MultiScanDirection&
       const float* Bt = bc + s * 2 * kMaxN;
       float y = Dv * u;
 #pragma unroll
-      for (int n = 0; n < kMaxN; ++n) {
-        if (n < ns) {
-          h[n] = __expf(dt * A[n]) * h[n] + du * Bt[n];
-          y += h[n] * Bt[kMaxN + n];
-        }
+      for (int n = 0; n < kMaxN; ++n) {  // padded states: A = B = C = 0, h stays 0
+        h[n] = __expf(dt * A[n]) * h[n] + du * Bt[n];
+        y += h[n] * Bt[kMaxN + n];
       }
       const int64_t t = tok_s[s];
       if (t >= 0) col[t * a.dim] += y;
@@ -106,9 +105,11 @@ __device__ void scan_direction(const MultiScanArgs& a, const MultiScanDirection&
   }
 }
 
+// (blocks per SM: 8 up to 16 states, 3 with 64; without the bound the unguarded state loop keeps
+// more of B_t, C_t in registers and drops below that)
 template <typename TV, typename TF, int kMaxN>
-__global__ void __launch_bounds__(kThreads) multi_scan_kernel(MultiScanArgs a, Launch l) {
-  __shared__ float bc[kChunk * 2 * kMaxN];
+__global__ void __launch_bounds__(kThreads, kMaxN > 16 ? 3 : 8) multi_scan_kernel(MultiScanArgs a, Launch l) {
+  __shared__ __align__(16) float bc[kChunk * 2 * kMaxN];
   __shared__ int64_t pos_s[kChunk], tok_s[kChunk];
   const int64_t b = blockIdx.y, e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = e < a.dim;
@@ -167,7 +168,7 @@ cudaError_t launch_typed(const MultiScanArgs& a, cudaStream_t stream) {
   if (a.d_state <= 4) return launch_states<TV, TF, 4>(a, stream);  // VMamba's d_state 1
   if (a.d_state <= 16) return launch_states<TV, TF, 16>(a, stream);
   if (a.d_state <= kScanMaxState) return launch_states<TV, TF, kScanMaxState>(a, stream);
-  return cudaErrorInvalidValue;
+  return cudaErrorNotSupported;  // the binding refuses d_state > kScanMaxState
 }
 #endif
 
@@ -176,17 +177,18 @@ cudaError_t launch_typed(const MultiScanArgs& a, cudaStream_t stream) {
 #if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_multi_scan(const MultiScanArgs& a, cudaStream_t stream) {
   if (a.batch == 0 || a.dim == 0 || a.seqlen == 0) return cudaSuccess;
-  if (a.K < 1 || a.batch > 65535) return cudaErrorInvalidValue;
+  // cudaErrorNotSupported: combinations no kernel is compiled for, which the binding refuses first
+  if (a.K < 1 || a.batch > 65535) return cudaErrorNotSupported;
   const bool half = a.float_type == ScanType::kHalf;
   switch (a.value_type) {
     case ScanType::kFloat:
-      return half ? cudaErrorInvalidValue : launch_typed<float, float>(a, stream);
+      return half ? cudaErrorNotSupported : launch_typed<float, float>(a, stream);
     case ScanType::kHalf:
-      return half ? launch_typed<__half, __half>(a, stream) : cudaErrorInvalidValue;
+      return half ? launch_typed<__half, __half>(a, stream) : cudaErrorNotSupported;
     case ScanType::kInt8:
       return half ? launch_typed<int8_t, __half>(a, stream) : launch_typed<int8_t, float>(a, stream);
   }
-  return cudaErrorInvalidValue;
+  return cudaErrorNotSupported;
 }
 #endif
 

@@ -5,6 +5,12 @@
 //   out = (y_fwd + y_bwd) [/ 2] * silu(z)
 // u and delta may be int8 with one scale per token, or fp16 / fp32; B, C and z fp16 or fp32.
 //
+// B and C are staged zero-padded to the kernel's kMaxN states: with A = 0 and B = C = 0 a padded
+// state stays 0 and adds 0 to y, so the state loop runs without a per-state guard. (Only a
+// non-finite dt or dt * u, which already makes every real state non-finite, can turn an infinite
+// output into NaN through the padding.) Grid: channel blocks on x, samples on y (at most 65535,
+// checked by the binding).
+//
 // One thread per (batch, channel), its state in registers. A block holds 128 channels of one
 // sample; the B_t and C_t of 32 tokens at a time are staged in shared memory (they are shared by
 // every channel). The forward direction writes y_fwd into the token-major output; the backward
@@ -46,11 +52,11 @@ __device__ void run_direction(const ScanArgs& a, const ScanDirection& d, int64_t
   for (int64_t c0 = 0; c0 < a.len; c0 += kChunk) {
     const int steps = static_cast<int>((a.len - c0 < kChunk ? a.len - c0 : kChunk));
     __syncthreads();  // the previous chunk's B, C are consumed
-    for (int i = threadIdx.x; i < steps * ns; i += blockDim.x) {
-      const int s = i / ns, n = i % ns;
+    for (int i = threadIdx.x; i < steps * kMaxN; i += blockDim.x) {
+      const int s = i / kMaxN, n = i % kMaxN;
       const int64_t t = reverse ? a.len - 1 - (c0 + s) : c0 + s;
-      bc[s * 2 * kMaxN + n] = load<TF>(d.B, b, n, t);
-      bc[s * 2 * kMaxN + kMaxN + n] = load<TF>(d.C, b, n, t);
+      bc[s * 2 * kMaxN + n] = n < ns ? load<TF>(d.B, b, n, t) : 0.f;
+      bc[s * 2 * kMaxN + kMaxN + n] = n < ns ? load<TF>(d.C, b, n, t) : 0.f;
     }
     __syncthreads();
     if (!active) continue;
@@ -64,11 +70,9 @@ __device__ void run_direction(const ScanArgs& a, const ScanDirection& d, int64_t
       const float* Bt = bc + s * 2 * kMaxN;
       float y = Dv * u;
 #pragma unroll
-      for (int n = 0; n < kMaxN; ++n) {
-        if (n < ns) {
-          h[n] = __expf(dt * A[n]) * h[n] + du * Bt[n];
-          y += h[n] * Bt[kMaxN + n];
-        }
+      for (int n = 0; n < kMaxN; ++n) {  // padded states: A = B = C = 0, h stays 0
+        h[n] = __expf(dt * A[n]) * h[n] + du * Bt[n];
+        y += h[n] * Bt[kMaxN + n];
       }
       float* o = a.out + (b * a.len + t) * a.dim + e;
       if (!reverse) {
@@ -86,9 +90,11 @@ __device__ void run_direction(const ScanArgs& a, const ScanDirection& d, int64_t
   }
 }
 
+// (blocks per SM: 7 with 16 states, 3 with 64; without the bound the unguarded state loop keeps
+// all of B_t, C_t in registers at 64 states and drops to 2 blocks)
 template <typename TV, typename TF, int kMaxN>
-__global__ void __launch_bounds__(kThreads) bidirectional_scan_kernel(ScanArgs a) {
-  __shared__ float bc[kChunk * 2 * kMaxN];
+__global__ void __launch_bounds__(kThreads, kMaxN > 16 ? 3 : 7) bidirectional_scan_kernel(ScanArgs a) {
+  __shared__ __align__(16) float bc[kChunk * 2 * kMaxN];
   const int64_t b = blockIdx.y, e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = e < a.dim;
   run_direction<TV, TF, kMaxN>(a, a.fwd, b, e, active, false, bc);
@@ -104,7 +110,7 @@ cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
   } else if (a.d_state <= kScanMaxState) {
     bidirectional_scan_kernel<TV, TF, kScanMaxState><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    return cudaErrorInvalidValue;
+    return cudaErrorNotSupported;  // the binding refuses d_state > kScanMaxState
   }
   return cudaGetLastError();
 }
@@ -115,16 +121,18 @@ cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
 #if !defined(__CUDACC_RTC__)  // the host launcher (NVRTC compiles the kernels only)
 cudaError_t launch_bidirectional_scan(const ScanArgs& a, cudaStream_t stream) {
   if (a.batch == 0 || a.dim == 0 || a.len == 0) return cudaSuccess;
+  // cudaErrorNotSupported: combinations no kernel is compiled for, which the binding refuses first
+  if (a.batch > 65535) return cudaErrorNotSupported;
   const bool half = a.float_type == ScanType::kHalf;
   switch (a.value_type) {
     case ScanType::kFloat:
-      return half ? cudaErrorInvalidValue : launch_typed<float, float>(a, stream);
+      return half ? cudaErrorNotSupported : launch_typed<float, float>(a, stream);
     case ScanType::kHalf:
-      return half ? launch_typed<__half, __half>(a, stream) : cudaErrorInvalidValue;
+      return half ? launch_typed<__half, __half>(a, stream) : cudaErrorNotSupported;
     case ScanType::kInt8:
       return half ? launch_typed<int8_t, __half>(a, stream) : launch_typed<int8_t, float>(a, stream);
   }
-  return cudaErrorInvalidValue;
+  return cudaErrorNotSupported;
 }
 #endif
 

@@ -82,6 +82,7 @@ at::Tensor bidirectional_scan(const at::Tensor& u, const at::Tensor& delta, cons
                               const std::optional<at::Tensor>& delta_scale, const std::optional<at::Tensor>& u_b_scale,
                               const std::optional<at::Tensor>& delta_b_scale, bool delta_softplus, bool divide_out) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 3, kOp, ": u must be a CUDA tensor (batch, d_inner, seqlen)");
+  TORCH_CHECK(u.size(0) <= 65535, kOp, ": the CUDA kernel takes up to 65535 samples (its grid's y), got ", u.size(0));
   TORCH_CHECK(A.dim() == 2 && A.size(1) <= vmq::cuda::kScanMaxState, kOp, ": d_state up to ",
               vmq::cuda::kScanMaxState, " is supported, got ", A.sizes());
   const ScanType value_type = type_of(u), float_type = type_of(B);

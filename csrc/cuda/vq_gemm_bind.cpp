@@ -1,6 +1,10 @@
-// CUDA binding of vmq::vq_linear.
+// CUDA binding of vmq::vq_linear. The codes are not range-checked here: that would synchronise
+// with the host on every call (and cannot run inside a CUDA graph). vmq.layers.VQLinear checks
+// them once, when it is built or loaded; the kernel reads an out-of-range code as NaN.
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -25,6 +29,11 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const int64_t k = x.size(-1), n = codes.size(0), cols = codes.size(1), groups = codebook.size(0),
                 size = codebook.size(1), dim = codebook.size(2);
   const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(m * k <= kMax32 && m * n <= kMax32 && n * cols <= kMax32 && groups * size * dim <= kMax32, kOp,
+              ": the CUDA kernel indexes with 32-bit offsets: x, the output, the codes and the codebooks must each "
+              "hold fewer than 2^31 values, got x ", x.sizes(), ", codes ", codes.sizes(), ", codebook ",
+              codebook.sizes());
   TORCH_CHECK(cols * dim >= k && (cols - 1) * dim < k, kOp, ": ", cols, " codes of dim ", dim, " per row do not cover ",
               k, " inputs");
   TORCH_CHECK(rows_per_group >= 1 && (n + rows_per_group - 1) / rows_per_group == groups, kOp, ": ", n,
@@ -41,10 +50,6 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), cbc = codebook.contiguous();
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), bc = bias ? bias->contiguous() : at::Tensor();
-  if (cc.numel()) {
-    const auto [lo, hi] = at::aminmax(cc);
-    TORCH_CHECK(lo.item<int32_t>() >= 0 && hi.item<int32_t>() < size, kOp, ": codes must index the ", size, " codewords");
-  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));

@@ -10,6 +10,7 @@
 //   16 + 4t), a3 (row g + 8, byte 16 + 4t);  B (n-major): b0 (col g, byte 4t), b1 (col g, byte 16 + 4t);
 //   C: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8;
 // with g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k32 / m16n8k16").
+// The m16n8k16 fragments are the same for .f16 and .bf16 operands.
 #pragma once
 #include "cuda/nvrtc_std.h"  // <cstdint>, also under NVRTC
 
@@ -31,6 +32,26 @@ struct Lane {
 
 __device__ __forceinline__ uint32_t word(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// c += a b on 16-bit operands, fp32 accumulation: fp16 (kBf16 false) or bfloat16 values
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  __trap();  // the bindings refuse devices below sm_80
+#endif
+}
+
 // fragments of the warp's 2 A tiles and 4 B tiles for the k-step starting at byte kb
 __device__ __forceinline__ void load_fragments(const uint8_t* a_smem, const uint8_t* b_smem, int kb, const Lane& l,
                                                uint32_t (&af)[2][4], uint32_t (&bf)[4][2]) {
@@ -50,21 +71,22 @@ __device__ __forceinline__ void load_fragments(const uint8_t* a_smem, const uint
   }
 }
 
-// f(row, col, value) for every accumulator element of the warp inside the (m, n) output
+// f(row, col, value) for every accumulator element of the warp inside the (m, n) output (32-bit
+// indices: the bindings keep the outputs below 2^31 elements)
 template <typename T, typename F>
-__device__ __forceinline__ void for_each_output(const T (&acc)[2][4][4], int64_t m0, int64_t n0, int64_t m, int64_t n,
-                                                const Lane& l, F&& f) {
+__device__ __forceinline__ void for_each_output(const T (&acc)[2][4][4], int m0, int n0, int m, int n, const Lane& l,
+                                                F&& f) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = m0 + l.wm * 32 + mi * 16 + l.g + half * 8;
+      const int row = m0 + l.wm * 32 + mi * 16 + l.g + half * 8;
       if (row >= m) continue;
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int64_t col = n0 + l.wn * 32 + ni * 8 + 2 * l.t + e;
+          const int col = n0 + l.wn * 32 + ni * 8 + 2 * l.t + e;
           if (col < n) f(row, col, acc[mi][ni][half * 2 + e]);
         }
       }

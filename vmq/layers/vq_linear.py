@@ -43,6 +43,8 @@ class VQLinear(RuntimeLayer):
         groups, size, dim = codebook.shape
         self.in_features, self.dim, self.size = int(in_features), dim, size
         self.rows_per_group = int(rows_per_group or self.out_features)
+        # checked once here (a packed file's codes, log2(size) bits each, always index the codebook):
+        # the CUDA kernel trusts them, as a check per call would synchronise with the host
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
             raise ValueError(f"codes must index the {size} codewords")
         if weight_scale is not None and tuple(weight_scale.shape) != (self.out_features,):

@@ -46,13 +46,14 @@ SCHEMAS = {
     # per-token activation quantization (vmq.ops.quantize)
     "quantize_per_token": "(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor",
     # integer linear layers (vmq.ops.linear)
+    # (w_sum: the weight's int32 row sums, (out_features,), computed per call when None)
     "int8_linear": "(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor w_q, Tensor w_scale, Tensor? bias, "
-                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits) -> Tensor",
+                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits, Tensor? w_sum=None) -> Tensor",
     # smoothing + per-token quantization of float activations + int8_linear in one pass (vmq.ops.linear)
     "int8_linear_from_float": "(Tensor x, Tensor? smooth_scale, Tensor x_scale, Tensor x_zero_point, int x_bits, "
                               "Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor",
     "w4a8_linear": "(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, Tensor? bias, "
-                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits) -> Tensor",
+                   "Tensor? out_scale, Tensor? out_zero_point, int out_bits, Tensor? w_sum=None) -> Tensor",
     "vq_linear": "(Tensor x, Tensor codes, Tensor codebook, int rows_per_group, Tensor? scale, Tensor? bias) -> Tensor",
 }
 
@@ -119,7 +120,7 @@ def _(x, scale, zero_point, bits):
 
 
 @torch.library.register_fake("vmq::int8_linear")
-def _(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits):
+def _(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits, w_sum=None):
     shape = (*x_q.shape[:-1], w_q.shape[0])
     return x_q.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
 
@@ -130,7 +131,7 @@ def _(x, smooth_scale, x_scale, x_zero_point, x_bits, w_q, w_scale, bias):
 
 
 @torch.library.register_fake("vmq::w4a8_linear")
-def _(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point, out_bits):
+def _(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point, out_bits, w_sum=None):
     shape = (*x_q.shape[:-1], w_packed.shape[0])
     return x_q.new_empty(shape, dtype=torch.float32 if out_scale is None else torch.uint8)
 

@@ -14,8 +14,11 @@ picks, per call and for the backend in force (:mod:`vmq.ops.backend`):
 * weight-only layers (no activation bits): the dequantized weight in fp32.
 
 All routes are bit-identical to ``int8_linear_ref`` applied to the quantized input. The fused
-route's arguments and the 4-bit packed weights are cached while the layer's tensors stay the
-same tensors at the same versions (at batch 1 preparing them costs as much as the kernel).
+route's arguments, the 4-bit packed weights and the weight's row sums (the GEMMs' zero-point
+term) are cached while the layer's tensors stay the same tensors at the same versions and on
+the same device (at batch 1 preparing them costs as much as the kernel). The caches live here,
+not in the layer's buffers: they follow ``.to(device)`` by being rebuilt, and packed files
+never see them.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class IntLinearKernels:
     def __init__(self) -> None:
         self._fused = None  # (key, arguments of vmq::int8_linear_from_float after x)
         self._int4 = None  # (key, packed weight)
+        self._w_sum = None  # (key, int32 row sums of the weight)
 
     def __call__(self, x: Tensor, weight: Tensor, weight_scale: Tensor, w_bits: int, a_bits: Optional[int],
                  a_strategy: Optional[str], input_scale: Optional[Tensor], input_zero_point: Optional[Tensor],
@@ -69,9 +73,11 @@ class IntLinearKernels:
             if smooth_scale is not None:
                 x = x / smooth_scale
         x_q = quantize_per_token(x, scale, zp, a_bits, backend=backend)
+        w_sum = self._row_sums(weight)
         if self._int4_route(x_q, w_bits, weight, backend):
-            return w4a8_linear(x_q, scale, zp, self._packed_int4(weight), weight_scale, bias, backend=backend)
-        return int8_linear(x_q, scale, zp, weight, weight_scale, bias, backend=backend)
+            return w4a8_linear(x_q, scale, zp, self._packed_int4(weight), weight_scale, bias, w_sum=w_sum,
+                               backend=backend)
+        return int8_linear(x_q, scale, zp, weight, weight_scale, bias, w_sum=w_sum, backend=backend)
 
     @staticmethod
     def _fused_route(x: Tensor, w_bits: int, backend: str) -> bool:
@@ -101,6 +107,13 @@ class IntLinearKernels:
         if self._int4 is None or self._int4[0] != key:
             self._int4 = (key, pack_int4(weight))
         return self._int4[1]
+
+    def _row_sums(self, weight: Tensor) -> Tensor:
+        """The weight's exact int32 row sums (N,), on its device (the same for its 4-bit packing)."""
+        key = _key(weight)
+        if self._w_sum is None or self._w_sum[0] != key:
+            self._w_sum = (key, weight.sum(1, dtype=torch.int32))
+        return self._w_sum[1]
 
 
 __all__ = ["IntLinearKernels"]

@@ -7,7 +7,11 @@ int8 per output channel with a scale:
     y[t, n]   = acc[t, n] * (x_scale[t] * w_scale[n]) + bias[n]     fp32, in this order
 
 and, with an output scale, ``y`` requantized to uint8 for the next layer with
-:func:`vmq.ops.quantize.quantize_per_token_ref`. :func:`int8_linear` runs the compiled kernel
+:func:`vmq.ops.quantize.quantize_per_token_ref`. The per-token parameters (``x_scale``,
+``x_zero_point``, ``out_scale``, ``out_zero_point``) are of one kind: all (T,) or all
+``x_q.shape[:-1]``. ``w_sum``, optional, is the weight's int32 row sums (N,) for the zero-point
+term ``zp[t] * w_sum[n]``; a layer that keeps its weights computes them once (when absent,
+every call sums the weight). :func:`int8_linear` runs the compiled kernel
 (``vmq::int8_linear``, bit-identical to the twin) or the twin.
 
 ``int8_linear_from_float_ref``: float activations divided by optional smoothing scales (one per
@@ -37,26 +41,51 @@ import torch
 from torch import Tensor
 
 from vmq.ops.backend import use_native
-from vmq.ops.quantize import check_per_token, per_token, quantize_per_token_ref
+from vmq.ops.quantize import check_token_params, per_token, quantize_per_token_ref
 
 
-def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor) -> Tensor:
-    """Exact ``sum_k (x_q - zp) * w_q`` as int32: x_q (..., T, K) uint8, zp (T,) or (..., T), w_q (N, K) int8."""
+def int8_matmul_ref(x_q: Tensor, x_zero_point: Tensor, w_q: Tensor, w_sum: Optional[Tensor] = None) -> Tensor:
+    """Exact ``sum_k (x_q - zp) * w_q`` as int32: x_q (..., T, K) uint8, zp (T,) or (..., T), w_q (N, K) int8.
+
+    With ``w_sum`` (int32 (N,), the row sums of ``w_q``): ``sum_k x_q * w_q - zp * w_sum``, the same
+    value when ``w_sum`` is right (what the kernels compute).
+    """
     if x_q.dtype != torch.uint8 or w_q.dtype != torch.int8:
         raise TypeError(f"expected uint8 activations and int8 weights, got {x_q.dtype} and {w_q.dtype}")
     if x_q.shape[-1] != w_q.shape[1]:
         raise ValueError(f"inner dimensions differ: {x_q.shape[-1]} vs {w_q.shape[1]}")
     # float64 holds every partial sum exactly (|sum| < 2^53 for any realistic K)
-    x = x_q.double() - per_token(x_zero_point, x_q).double()
-    acc = x @ w_q.double().t()
+    zp = per_token(x_zero_point, x_q).double()
+    if w_sum is None:
+        acc = (x_q.double() - zp) @ w_q.double().t()
+    else:
+        check_w_sum(w_sum, w_q)
+        acc = x_q.double() @ w_q.double().t() - zp * w_sum.double()
     return acc.to(torch.int32)
+
+
+def check_w_sum(w_sum: Tensor, w: Tensor) -> None:
+    """Raise unless ``w_sum`` is an int32 (N,) tensor on the device of the weight ``w`` (N rows)."""
+    if w_sum.dtype != torch.int32 or tuple(w_sum.shape) != (w.shape[0],) or w_sum.device != w.device:
+        raise ValueError(f"w_sum must be int32 ({w.shape[0]},) on {w.device}, got {w_sum.dtype} "
+                         f"{tuple(w_sum.shape)} on {w_sum.device}")
+
+
+def check_epilogue(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, out_scale: Optional[Tensor],
+                   out_zero_point: Optional[Tensor]) -> None:
+    """The per-token parameters' contract (shared by the twins and the kernels): one kind for all four."""
+    if (out_scale is None) != (out_zero_point is None):
+        raise ValueError("out_scale and out_zero_point go together")
+    check_token_params(x_q, x_scale, x_zero_point, out_scale, out_zero_point)
 
 
 def int8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor, w_scale: Tensor,
                     bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8) -> Tensor:
+                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8,
+                    w_sum: Optional[Tensor] = None) -> Tensor:
     """Quantized linear with the fused-scale epilogue; fp32 (..., T, N), or uint8 with ``out_scale``. ``w_scale`` is (N,)."""
-    acc = int8_matmul_ref(x_q, x_zero_point, w_q)
+    check_epilogue(x_q, x_scale, x_zero_point, out_scale, out_zero_point)
+    acc = int8_matmul_ref(x_q, x_zero_point, w_q, w_sum)
     y = acc.float() * (per_token(x_scale, x_q).float() * w_scale.float().reshape(-1))
     if bias is not None:
         y = y + bias.float()
@@ -67,15 +96,18 @@ def int8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Ten
 
 def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: Optional[str] = None) -> Tensor:
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, w_sum: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tensor:
     """:func:`int8_linear_ref` on the compiled kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
     if (out_scale is None) != (out_zero_point is None):
         raise ValueError("out_scale and out_zero_point go together")
     takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
     if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
-        return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits)
+        return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits,
+                               w_sum)
+    check_epilogue(x_q, x_scale, x_zero_point, out_scale, out_zero_point)  # same message as the twin
     args = native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
-    return torch.ops.vmq.int8_linear(x_q, args[0], args[1], w_q, *args[2:], out_bits)
+    return torch.ops.vmq.int8_linear(x_q, args[0], args[1], w_q, *args[2:], out_bits, w_sum)
 
 
 def int8_linear_from_float_ref(x: Tensor, smooth_scale: Optional[Tensor], x_scale: Tensor, x_zero_point: Tensor,
@@ -98,7 +130,7 @@ def int8_linear_from_float(x: Tensor, smooth_scale: Optional[Tensor], x_scale: T
     if not use_native("int8_linear_from_float", x, backend, takes=takes,
                       why="takes float32 activations and int8 weights"):
         return int8_linear_from_float_ref(x, smooth_scale, x_scale, x_zero_point, x_bits, w_q, w_scale, bias)
-    check_per_token(x_scale, x), check_per_token(x_zero_point, x)  # same message as the twin
+    check_token_params(x, x_scale, x_zero_point)  # same message as the twin
     args = native_epilogue_args(w_q.shape[0], x_scale, x_zero_point, w_scale, bias, None, None)
     smooth = None if smooth_scale is None else smooth_scale.float()
     return torch.ops.vmq.int8_linear_from_float(x, smooth, args[0], args[1], x_bits, w_q, args[2], args[3])
@@ -127,15 +159,17 @@ def unpack_int4_ref(w_packed: Tensor) -> Tensor:
 
 def w4a8_linear_ref(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
                     bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8) -> Tensor:
-    """:func:`int8_linear_ref` on 4-bit weights packed by :func:`pack_int4`."""
+                    out_zero_point: Optional[Tensor] = None, out_bits: int = 8,
+                    w_sum: Optional[Tensor] = None) -> Tensor:
+    """:func:`int8_linear_ref` on 4-bit weights packed by :func:`pack_int4` (``w_sum``: row sums of the 4-bit values)."""
     return int8_linear_ref(x_q, x_scale, x_zero_point, unpack_int4_ref(w_packed), w_scale, bias, out_scale,
-                           out_zero_point, out_bits)
+                           out_zero_point, out_bits, w_sum)
 
 
 def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, backend: Optional[str] = None) -> Tensor:
+                out_zero_point: Optional[Tensor] = None, out_bits: int = 8, w_sum: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tensor:
     """:func:`w4a8_linear_ref` on the compiled kernel (``vmq::w4a8_linear``, bit-identical) or the twin."""
     if (out_scale is None) != (out_zero_point is None):
         raise ValueError("out_scale and out_zero_point go together")
@@ -144,9 +178,10 @@ def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Te
     if not use_native("w4a8_linear", x_q, backend, takes=takes,
                       why="takes uint8 activations and (out_features, in_features / 2) packed 4-bit weights"):
         return w4a8_linear_ref(x_q, x_scale, x_zero_point, w_packed, w_scale, bias, out_scale, out_zero_point,
-                               out_bits)
+                               out_bits, w_sum)
+    check_epilogue(x_q, x_scale, x_zero_point, out_scale, out_zero_point)  # same message as the twin
     args = native_epilogue_args(w_packed.shape[0], x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point)
-    return torch.ops.vmq.w4a8_linear(x_q, args[0], args[1], w_packed, *args[2:], out_bits)
+    return torch.ops.vmq.w4a8_linear(x_q, args[0], args[1], w_packed, *args[2:], out_bits, w_sum)
 
 
 def native_epilogue_args(n: int, x_scale, x_zero_point, w_scale, bias, out_scale, out_zero_point):
@@ -200,9 +235,16 @@ def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, rows_per_group: Option
               scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """:func:`vq_linear_ref` on the compiled kernel (``vmq::vq_linear``) or the twin.
 
-    The CPU kernel decodes the weight and runs one matmul (equal to the twin to fp32 rounding);
-    the CUDA kernel decodes tiles into shared memory and multiplies them in fp16 on the tensor
-    cores with fp32 accumulation (equal to the twin to fp16 rounding of x and w).
+    The CPU kernel decodes the weight and runs one matmul (equal to the twin to fp32 rounding).
+    The CUDA kernel decodes tiles of codewords into shared memory and multiplies them on the
+    tensor cores with fp32 accumulation, then applies the row scale and the bias:
+    ``y[t, n] = scale[n] * sum_k x[t, k] * c[n, k] + bias[n]``. fp16 ``x`` and the fp16 codewords
+    go in exactly (equal to the twin to fp32 rounding); fp32 ``x`` goes in as bfloat16, and the
+    codewords with it (8 significant bits, about 3 significant digits, with the range of fp32):
+    equal to the twin on bfloat16-rounded ``x`` and codewords to fp32 rounding. The CUDA kernel
+    trusts ``codes`` to index the codebook (a check would synchronise with the host on every
+    call): :class:`vmq.layers.VQLinear` checks them once when it is built or loaded; an
+    out-of-range code reads as NaN rather than outside the codebook.
     """
     cuda_ok = x.dtype in (torch.float32, torch.float16) if x.is_cuda else x.dtype == torch.float32
     takes = cuda_ok and codes.dim() == 2 and codebook.dim() == 3 and x.dim() >= 1

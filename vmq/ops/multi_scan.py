@@ -174,7 +174,8 @@ def multi_scan(
     """K scan directions (and the gate) in one call; fp32 in token order (see the module's contract).
 
     ``out_index`` is required; ``seqlen`` defaults to the inputs' length. Same arithmetic as
-    :func:`multi_scan_ref` (to fp32 rounding). ``backend`` (see :mod:`vmq.ops.backend`): the fused
+    :func:`multi_scan_ref` (the CPU kernel to fp32 rounding, the CUDA kernel to about 1e-5 relative:
+    it uses the fast exponential). ``backend`` (see :mod:`vmq.ops.backend`): the fused
     kernel takes fp32 / int8 inputs without gradients (on CUDA fp16 u, delta, B, C and z too).
     """
     if out_index is None:
