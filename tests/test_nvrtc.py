@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_kernels import _linear_inputs, _multi_scan_inputs, _scan_inputs, _vq_inputs
+from tests.test_kernels import _linear_inputs, _mixed_kind_calls, _multi_scan_inputs, _scan_inputs, _vq_inputs
 from vmq.env import kernels
 from vmq.errors import VmqError
 from vmq.ops import _library, nvrtc
@@ -183,6 +183,10 @@ def test_the_dispatcher_passes_the_schemas_arguments_to_the_bindings():
             "key = torch._C.DispatchKeySet('CUDA')\n"
             "out = torch.ops.vmq.int8_linear.default.redispatch(key, *_linear_inputs(2, 5, 32, 16)[:6], None, None, 8)\n"
             "assert out.shape == (2, 5, 16) and got == ['vmq::cuda::int_gemm_kernel<8>'], got\n"
+            "lin = _linear_inputs(2, 5, 32, 16)\n"
+            "try:\n    torch.ops.vmq.int8_linear.default.redispatch(key, *lin[:6], None, None, 8, lin[3].sum(1))\n"
+            "except RuntimeError as e:\n    assert 'w_sum must be the int32 (16,) row sums' in str(e), e\n"
+            "else:\n    raise AssertionError('an int64 w_sum passed')\n"
             "args = _multi_scan_inputs('local', 2, 12, 4, layout='mixed', shared_u=True, merge='none')\n"
             "out = torch.ops.vmq.multi_scan.default.redispatch(key, *args)\n"
             "assert out.shape == (2, 4, 12, 15) and got[-1] == 'vmq::cuda::multi_scan_kernel<float, float, 4>', got\n"
@@ -252,9 +256,26 @@ def test_gemm_bindings_plan_the_launchers_launches(launches):
     assert launches[-1].name == "vmq::cuda::int_gemm_kernel<4>" and launches[-1].args[2].value
     with pytest.raises(RuntimeError, match=r"^int8_linear: w_q must be int8 \(out_features, in_features\)$"):
         gemm.int8_linear(x_q, xs, zp, w.float(), ws, bias, None, None, 8)
-    with pytest.raises(RuntimeError, match=r"x_scale must be Float with one value per token \(65\) or per row "
-                                           r"\(130\), got Float \[3\]"):
+    with pytest.raises(RuntimeError, match=r"^int8_linear: x_scale must be \(65,\) or \[2, 65\] \(one value per "
+                                           r"token or per row\), got \[3\]$"):
         gemm.int8_linear(x_q, xs[:3], zp, w, ws, bias, None, None, 8)
+    with pytest.raises(RuntimeError, match="^int8_linear: x_zero_point must be Int, got Long$"):
+        gemm.int8_linear(x_q, xs, zp.long(), w, ws, bias, None, None, 8)
+    w_sum = w.sum(1, dtype=torch.int32)  # a cached w_sum goes to the kernel as it is
+    gemm.int8_linear(x_q, xs, zp, w, ws, bias, None, None, 8, w_sum)
+    assert launches[-1].args[0].w_sum == w_sum.data_ptr()
+    with pytest.raises(RuntimeError, match=r"^w4a8_linear: w_sum must be the int32 \(200,\) row sums of the weights, "
+                                           r"got Int \[199\]$"):
+        gemm.w4a8_linear(x_q, xs, zp, pack_int4(torch.clamp(w, -8, 7)), ws, bias, None, None, 8, w_sum[1:])
+    for label, args in _mixed_kind_calls(_linear_inputs(2, 5, 32, 16, seed=3, per_row=True)):
+        with pytest.raises(RuntimeError, match=r"^int8_linear: (x_scale|x_zero_point|out_scale|out_zero_point)"
+                                               r"( and \w+)? must be (\(5,\) or \[2, 5\]|of )"):
+            gemm.int8_linear(*args)
+    m = 1 << 20  # rows x out_features > 2^31: refused before the output is made
+    big = (torch.zeros(1, m, 1, dtype=torch.uint8), torch.ones(m), torch.zeros(m, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"^int8_linear: the CUDA kernel indexes with 32-bit offsets: .* got rows "
+                                           r"1048576, in_features 1, out_features 2049$"):
+        gemm.int8_linear(*big, torch.zeros(2049, 1, dtype=torch.int8), torch.ones(2049), None, None, None, 8)
     count = len(launches)
     assert gemm.int8_linear(*_linear_inputs(2, 0, 8, 4)[:6], None, None, 8).shape == (2, 0, 4)  # no rows: no launch
     assert len(launches) == count
@@ -263,19 +284,30 @@ def test_gemm_bindings_plan_the_launchers_launches(launches):
     q = gemm.quantize_per_token(x, xs[:10], zp[:10], 4)
     la = launches[-1]
     assert q.shape == x.shape and q.dtype == torch.uint8
-    assert (la.name, la.grid, la.block) == ("vmq::cuda::quantize_kernel", (5,), 256)
-    assert [v.value for v in la.args[4:]] == [30, 37, 10, 15.0]
+    assert (la.name, la.grid, la.block) == ("vmq::cuda::quantize_kernel", (2, 1), 256)  # 16 threads per row
+    assert [v.value for v in la.args[4:]] == [30, 37, 10, 15.0, 4, False]
+    with pytest.raises(RuntimeError, match=r"^quantize_per_token: scale and zero_point must be of one kind \(per token "
+                                           r"or per row\), got \[3, 10\] and \[10\]$"):
+        gemm.quantize_per_token(x, torch.ones(3, 10), zp[:10], 8)
+    with pytest.raises(RuntimeError, match=r"^quantize_per_token: zero_point must be \(10,\) or \[3, 10\] "):
+        gemm.quantize_per_token(x, xs[:10], zp[:30], 8)
 
     x, codes, cb, rpg, s, bias = _vq_inputs(65, 192, 384, 8, 256, 384)
     out = gemm.vq_linear(x, codes, cb, rpg, s, bias)
     la = launches[-1]
     a = la.args[0]
-    assert out.shape == (2, 65, 384) and (la.name, la.grid) == ("vmq::cuda::vq_gemm_kernel", (3, 6))
+    assert out.shape == (2, 65, 384) and (la.name, la.grid) == ("vmq::cuda::vq_gemm_kernel<true>", (3, 6))
     assert (a.m, a.n, a.k, a.cols, a.size, a.dim, a.rows_per_group, a.x_half) == (130, 384, 192, 24, 256, 8, 384, False)
+    gemm.vq_linear(x.half(), codes, cb, rpg, s, bias)  # fp16 x: fp16 operands
+    assert launches[-1].name == "vmq::cuda::vq_gemm_kernel<false>" and launches[-1].args[0].x_half
     bad = codes.clone()
-    bad[0, 0] = 256
-    with pytest.raises(RuntimeError, match="^vq_linear: codes must index the 256 codewords$"):
-        gemm.vq_linear(x, bad, cb, rpg, s, bias)
+    bad[0, 0] = 256  # codes are not checked per call (no host synchronisation): the kernel reads NaN
+    gemm.vq_linear(x, bad, cb, rpg, s, bias)
+    assert launches[-1].args[0].codes == bad.data_ptr()
+    with pytest.raises(RuntimeError, match=r"^vq_linear: the CUDA kernel indexes with 32-bit offsets: .* got x "
+                                           r"\[1, 1048576, 1\], codes \[2049, 1\], codebook \[1, 2, 1\]$"):
+        gemm.vq_linear(torch.zeros(1, 1 << 20, 1), torch.zeros(2049, 1, dtype=torch.int32),
+                       torch.zeros(1, 2, 1).half(), 2049, None, None)
 
     pts, c = torch.randn(1000, 12), torch.randn(300, 12)
     codes, dist = gemm.kmeans_assign(pts, torch.rand(12).expand(1000, 12), c)
@@ -285,6 +317,44 @@ def test_gemm_bindings_plan_the_launchers_launches(launches):
     assert [v.value for v in la.args[4:7]] == [1000, 300, 12] and la.args[2].value == 0  # expanded weight: stride 0
     with pytest.raises(RuntimeError, match="the CUDA kernel takes 1 to 32 dimensions, got 33"):
         gemm.kmeans_assign(torch.randn(5, 33), None, torch.randn(2, 33))
+    with pytest.raises(RuntimeError, match="^kmeans_assign: no CUDA kernel for these dtypes / sizes"):
+        gemm.kmeans_launch(0, 0, 0, 0, 5, 0, 4, 0, 0)  # no centroids: the launcher refuses
+
+
+def _gemm_args(struct, n, **fields):
+    return structs.fill(struct(), m=3, n=n, k=16, **fields)
+
+
+@pytest.mark.parametrize("n,grid_y", [(1, 1), (6401, 101), (64 * 65535, 65535), (64 * 65535 + 65, 65535),
+                                      (1 << 27, 65535)])
+def test_gemm_grids_clamp_to_65535_channel_blocks(n, grid_y):
+    """launch_int_gemm / launch_vq_gemm: 64-row blocks on x, 64-channel blocks on y up to 65535 (the kernels loop)."""
+    plans = [gemm.int_gemm_launch(_gemm_args(structs.GemmArgs, n, x=16, w=16), bits, "op") for bits in (8, 4)]
+    plans += [gemm.vq_gemm_launch(_gemm_args(structs.VqGemmArgs, n, x_half=half)) for half in (False, True)]
+    assert [(kernel.name, grid, block) for kernel, grid, block, _ in plans] == [
+        (f"vmq::cuda::{name}", (1, grid_y), 128) for name in ("int_gemm_kernel<8>", "int_gemm_kernel<4>",
+                                                              "vq_gemm_kernel<true>", "vq_gemm_kernel<false>")]
+    assert gemm.int_gemm_launch(_gemm_args(structs.GemmArgs, 0), 8, "op") is None
+    with pytest.raises(RuntimeError, match="^w2_linear: no CUDA kernel for these dtypes / sizes"):
+        gemm.int_gemm_launch(_gemm_args(structs.GemmArgs, n), 2, "w2_linear")
+
+
+@pytest.mark.parametrize("rows,cols,lanes_log2,grid", [
+    (1000, 1, 0, (4, 1)), (1000, 4, 0, (4, 1)), (1000, 5, 1, (8, 1)), (30, 37, 4, (2, 1)), (70001, 520, 8, (70001, 1)),
+    (3, 1024, 8, (3, 1)), (3, 1025, 8, (3, 2)), (1, 65535 * 1024 + 5, 8, (1, 65535)), (0, 8, None, None),
+    (8, 0, None, None)])
+def test_quantize_grid_has_rows_on_x_and_column_chunks_on_y(rows, cols, lanes_log2, grid):
+    """launch_quantize_per_token: 2^l threads per row (4 values each, the fewest that hold it, at most 256), 256 >> l
+    rows per block on x, chunks of 4 << l columns on y up to 65535 (looping past it); float4 loads where aligned."""
+    plan = gemm.quantize_launch(4096, 64, 128, 8192, rows, cols, 7, 8)
+    if grid is None:
+        assert plan is None
+        return
+    kernel, got, block, args = plan
+    assert (kernel.name, got, block) == ("vmq::cuda::quantize_kernel", grid, 256)
+    assert [a.value for a in args[4:]] == [rows, cols, 7, 255.0, lanes_log2, cols % 4 == 0]
+    for x, q in ((4096 + 4, 8192), (4096, 8192 + 2)):  # misaligned: the scalar path
+        assert gemm.quantize_launch(x, 64, 128, q, rows, cols, 7, 8)[3][-1].value is False
 
 
 def test_scan_bindings_plan_the_launchers_launches(launches):
@@ -303,6 +373,12 @@ def test_scan_bindings_plan_the_launchers_launches(launches):
     half[3] = half[3].half()
     with pytest.raises(RuntimeError, match="^bidirectional_scan: float32 u and delta go with float32 B, C and z$"):
         scan.bidirectional_scan(*half, None, None, None, None, True, True)
+    with pytest.raises(RuntimeError, match=r"^bidirectional_scan: the CUDA kernel takes up to 65535 samples \(its "
+                                           r"grid's y\), got 65536$"):
+        scan.bidirectional_scan(*_scan_inputs(65536, 1, 1, 1), None, None, None, None, True, True)
+    a.batch = 65536  # the launchers refuse what the bindings should have refused
+    with pytest.raises(RuntimeError, match="^bidirectional_scan: no CUDA kernel for these dtypes / sizes"):
+        scan.scan_launch(a)
 
     base = _multi_scan_inputs("cross", 2, 33, 16, layout="mixed", merge="mean")
     K, rep = 10, lambda x: torch.cat([x] * 3)[:10]  # noqa: E731

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.test_kernels import _linear_inputs, _multi_scan_inputs, _scan_inputs, _vq_inputs
+from tests.test_kernels_gpu import VQ_CASES, _bf16, _vq_check
 from vmq.models.scan_orders import stack_orders
 from vmq.ops import _library, nvrtc
 from vmq.ops.kmeans import assign_ref
@@ -58,15 +59,26 @@ def test_int_linear_is_bit_identical(shape, per_row):
         assert torch.equal(out.cpu(), w4a8_linear_ref(x_q, xs, zp, packed, ws, bias))
 
 
-def test_quantize_per_token_is_bit_identical():
+@pytest.mark.parametrize("shape", [(64, 197, 96), (1, 70001, 520), (3, 30001, 7), (2, 3, 5000),
+                                   (1, 1, 65535 * 1024 + 5)])
+def test_quantize_per_token_is_bit_identical(shape):
+    """Rows on grid x (1 to 256 threads each), chunks of columns on grid y (5 of 1024 for 5000
+    columns; 65536 for the last shape's row, looping past 65535); the float4 path and the scalar one."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 197, 96, generator=g) * 4  # 1.2 M values: the grid-stride loop runs
-    scale = torch.rand(197, generator=g) * 0.05 + 0.01
-    zp = torch.randint(0, 256, (197,), dtype=torch.int32, generator=g)
-    x[0, 0, :8] = (torch.arange(8) + 0.5) * scale[0]  # exact halves round to even
-    for bits in (8, 4):
-        out = G.quantize_per_token(*cu((x, scale, zp % (1 << bits))), bits)
-        assert torch.equal(out.cpu(), quantize_per_token_ref(x, scale, zp % (1 << bits), bits))
+    x = torch.randn(*shape, generator=g) * 4
+    for per_row in (False, True) if x.numel() < 1 << 24 else (False,):
+        pshape = shape[:-1] if per_row else shape[-2:-1]
+        scale = torch.rand(pshape, generator=g) * 0.05 + 0.01
+        zp = torch.randint(0, 256, pshape, dtype=torch.int32, generator=g)
+        x.view(-1, shape[-1])[0, :8] = (torch.arange(8)[:shape[-1]] + 0.5) * scale.view(-1)[0]  # halves round to even
+        for bits in (8, 4):
+            out = G.quantize_per_token(*cu((x, scale, zp % (1 << bits))), bits)
+            assert torch.equal(out.cpu(), quantize_per_token_ref(x, scale, zp % (1 << bits), bits)), (per_row, bits)
+    if shape[-1] % 4 == 0:  # 4 bytes past a 16-byte boundary: the scalar path
+        flat = torch.zeros(x.numel() + 1, device="cuda")
+        flat[1:] = x.reshape(-1).cuda()
+        out = G.quantize_per_token(flat[1:].view(shape), *cu((scale, zp)), 8)
+        assert torch.equal(out.cpu(), quantize_per_token_ref(x, scale, zp, 8))
 
 
 @pytest.mark.parametrize("shape", [(2, 19, 13, 16), (1, 8, 1, 16), (3, 200, 197, 16), (1, 24, 40, 48)])
@@ -128,14 +140,44 @@ def test_multi_scan_int8_fp16_and_more_directions_than_one_launch():
     torch.testing.assert_close(S.multi_scan(*cu(args)).cpu(), multi_scan_ref(*args), rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("case", [(5, 16, 8, 4, 16, 8), (7, 30, 13, 4, 4, 5), (65, 192, 384, 8, 256, 384)])
+@pytest.mark.parametrize("case", VQ_CASES)
 def test_vq_linear_matches_twin(case):
+    """fp32 x on bfloat16 operands (vq_gemm_kernel<true>), fp16 x on fp16 ones (<false>): the twin
+    on the operands the tensor cores take, to fp32 rounding (tests/test_kernels_gpu.py's bound)."""
     x, codes, cb, rpg, s, bias = _vq_inputs(*case)
-    ref = vq_linear_ref(x.half().float(), codes, cb, rpg, s, bias)
     out = G.vq_linear(*cu((x, codes, cb)), rpg, *cu((s, bias)))
-    torch.testing.assert_close(out.cpu(), ref, rtol=2e-3, atol=2e-2)
+    _vq_check(out, vq_linear_ref(_bf16(x), codes, _bf16(cb.float()), rpg, s, bias), x, codes, cb, rpg, s, 1e-4)
     out = G.vq_linear(*cu((x.half(), codes, cb)), rpg, None, None)
-    torch.testing.assert_close(out.cpu(), vq_linear_ref(x.half().float(), codes, cb, rpg), rtol=2e-3, atol=2e-2)
+    _vq_check(out, vq_linear_ref(x.half().float(), codes, cb, rpg), x, codes, cb, rpg, None, 1e-4)
+
+
+def test_int_linear_with_a_cached_w_sum_is_bit_identical():
+    x_q, xs, zp, w, ws, bias, os_, oz = _linear_inputs(2, 65, 96, 200, seed=4)
+    w_sum = w.sum(1, dtype=torch.int32)
+    for tail in ((None, None, 8), (os_, oz, 8), (os_, oz % 16, 4)):
+        out = G.int8_linear(*cu((x_q, xs, zp, w, ws, bias, *tail, w_sum)))
+        assert torch.equal(out.cpu(), int8_linear_ref(x_q, xs, zp, w, ws, bias, *tail))
+    w4 = torch.clamp(w, -8, 7)
+    out = G.w4a8_linear(*cu((x_q, xs, zp, pack_int4(w4), ws, bias)), None, None, 8, w4.sum(1, dtype=torch.int32).cuda())
+    assert torch.equal(out.cpu(), int8_linear_ref(x_q, xs, zp, w4, ws, bias))
+    out = G.int8_linear(*cu((x_q, xs, zp, w, ws, bias)), None, None, 8, (w_sum + 1).cuda())  # the given sums are used
+    assert not torch.equal(out.cpu(), int8_linear_ref(x_q, xs, zp, w, ws, bias))
+    with pytest.raises(RuntimeError, match="int8_linear: w_sum must be on cuda"):
+        G.int8_linear(*cu((x_q, xs, zp, w, ws, bias)), None, None, 8, w_sum)
+
+
+def test_gemms_loop_past_65535_blocks_of_output_channels():
+    n, k = 65535 * 64 + 65, 16  # 65537 blocks of 64 channels; grid.y holds 65535, the blocks loop
+    g = torch.Generator().manual_seed(11)
+    x_q, xs, zp, _, _, _, _, _ = _linear_inputs(1, 3, k, 1, seed=11)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    ws, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    out = G.int8_linear(*cu((x_q, xs, zp, w, ws, bias)), None, None, 8)
+    assert torch.equal(out.cpu(), int8_linear_ref(x_q, xs, zp, w, ws, bias))
+    codes = torch.randint(0, 16, (n, k // 4), dtype=torch.int32, generator=g)
+    cb, x = torch.randn(1, 16, 4, generator=g).half(), torch.randn(1, 3, k, generator=g)
+    out = G.vq_linear(*cu((x, codes, cb)), n, None, None)
+    _vq_check(out, vq_linear_ref(_bf16(x), codes, _bf16(cb.float()), n), x, codes, cb, n, None, 1e-4)
 
 
 @pytest.mark.parametrize("n,k,d", [(1000, 16, 4), (777, 5, 1), (2000, 64, 32)])
@@ -152,18 +194,32 @@ def test_bad_inputs_raise_the_bindings_errors():
     x_q, xs, zp, w, ws, bias, _, _ = cu(_linear_inputs(2, 5, 32, 16))
     with pytest.raises(RuntimeError, match="int8_linear: w_q must be on cuda"):
         G.int8_linear(x_q, xs, zp, w.cpu(), ws, bias, None, None, 8)
+    with pytest.raises(RuntimeError, match="65535 samples"):
+        S.bidirectional_scan(*cu(_scan_inputs(65536, 1, 1, 1)), None, None, None, None, True, True)
     x, codes, cb, rpg, s, b = cu(_vq_inputs(5, 16, 8, 4, 16, 8))
-    codes[0, 0] = cb.shape[1]
-    with pytest.raises(RuntimeError, match="codes must index the 16 codewords"):
-        G.vq_linear(x, codes, cb, rpg, s, b)
+    good = G.vq_linear(x, codes, cb, rpg, s, b)
+    bad = codes.clone()
+    bad[3, 1], bad[5, 0] = cb.shape[1], -1  # not checked per call: an out-of-range code reads as NaN
+    out = G.vq_linear(x, bad, cb, rpg, s, b)
+    keep = [i for i in range(8) if i not in (3, 5)]
+    assert out[..., [3, 5]].isnan().all() and torch.equal(out[..., keep], good[..., keep])
 
 
 @pytest.mark.skipif(_library.NATIVE is None or not _library.NATIVE.cuda_built, reason="vmq._C has no CUDA kernels")
 def test_nvrtc_kernels_equal_the_compiled_ones():
-    """Same sources, same flags: the integer kernels agree bit for bit, the scans to rounding."""
+    """Same sources, same flags: the integer kernels agree bit for bit (their epilogues round each
+    step explicitly), the scans and the VQ GEMM to rounding (the compilers may contract differently)."""
     native = torch.ops.vmq  # vmq._C's kernels unless VMQ_CUDA_KERNELS=nvrtc put NVRTC's there
     lin = cu(_linear_inputs(2, 197, 384, 1536, seed=2))
     assert torch.equal(G.int8_linear(*lin[:6], None, None, 8), native.int8_linear(*lin[:6], None, None, 8))
+    w_sum = lin[3].sum(1, dtype=torch.int32)
+    assert torch.equal(G.int8_linear(*lin, 6, w_sum), native.int8_linear(*lin, 6, w_sum))
+    x, s = torch.randn(2, 70001, 12, device="cuda"), torch.rand(70001, device="cuda") + 0.01
+    z = lin[2][:1].repeat(70001)
+    assert torch.equal(G.quantize_per_token(x, s, z, 8), native.quantize_per_token(x, s, z, 8))
+    vq = cu(_vq_inputs(65, 192, 384, 8, 256, 384, seed=2))
+    for x in (vq[0], vq[0].half()):
+        torch.testing.assert_close(G.vq_linear(x, *vq[1:]), native.vq_linear(x, *vq[1:]), rtol=1e-5, atol=1e-5)
     args = cu(_scan_inputs(2, 192, 197, 16, seed=2)) + [None] * 4 + [True, True]
     torch.testing.assert_close(S.bidirectional_scan(*args), native.bidirectional_scan(*args), rtol=1e-6, atol=1e-6)
 

@@ -27,12 +27,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def sizes(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return shape(t.shape)
+
+
+def shape(dims: Sequence[int]) -> str:
+    """Sizes as c10 writes an ``IntArrayRef``: ``[2, 3]``."""
+    return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
 def check(cond: bool, message: str) -> None:
     if not cond:
         raise RuntimeError(message)
+
+
+def not_supported(op: str) -> str:
+    """``binding.h``'s check_launch message for a launcher's cudaErrorNotSupported: a combination
+    of dtypes or sizes no kernel is compiled for, which the binding's checks refuse first."""
+    return f"{op}: no CUDA kernel for these dtypes / sizes (the binding should have refused them: a bug in vmq)"
 
 
 def is_cuda(t: Tensor) -> bool:
@@ -66,6 +77,10 @@ def ptr(t: Optional[Tensor]) -> int:
 
 def ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z); the launchers clamp to it and their kernels loop
+MAX32 = 2 ** 31 - 1  # the bindings' bound on the elements a kernel indexes with 32-bit offsets
 
 
 def run(op: str, device: torch.device, plan: Optional[Tuple[Kernel, Sequence[int], int, Sequence]]) -> None:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from vmq.ops.nvrtc import structs as S
-from vmq.ops.nvrtc.common import ceil_div, check, check_cuda, dtype_name, is_cuda, run, sizes
+from vmq.ops.nvrtc.common import (MAX_GRID_Y, ceil_div, check, check_cuda, dtype_name, is_cuda, not_supported, run,
+                                  sizes)
 from vmq.ops.nvrtc.build import Kernel
 
 SCAN_MAX_STATE = 64  # launchers.h: kScanMaxState
@@ -39,7 +40,7 @@ _TYPE_NAMES = {S.SCAN_TYPE["kFloat"]: "float", S.SCAN_TYPE["kHalf"]: "__half", S
 
 
 def _template_types(value_type: int, float_type: int):
-    """(TV, TF) of the launchers' switch, or None where they return cudaErrorInvalidValue."""
+    """(TV, TF) of the launchers' switch, or None where they return cudaErrorNotSupported."""
     tv, tf = _TYPE_NAMES[value_type], _TYPE_NAMES[float_type]
     return (tv, tf) if (tv, tf) in _TYPES else None
 
@@ -52,8 +53,8 @@ def scan_launch(a: S.ScanArgs):
     if a.batch == 0 or a.dim == 0 or a.len == 0:
         return None
     types = _template_types(a.value_type, a.float_type)
-    check(types is not None and a.d_state <= SCAN_MAX_STATE, "bidirectional_scan: CUDA kernel launch failed: "
-          "invalid argument")
+    check(types is not None and a.batch <= MAX_GRID_Y and a.d_state <= SCAN_MAX_STATE,
+          not_supported("bidirectional_scan"))
     return _SCAN[(*types, 16 if a.d_state <= 16 else SCAN_MAX_STATE)], (ceil_div(a.dim, 128), a.batch), 128, (a,)
 
 
@@ -63,8 +64,8 @@ def multi_scan_launches(a: S.MultiScanArgs, dirs: Sequence[S.MultiScanDirection]
     if a.batch == 0 or a.dim == 0 or a.seqlen == 0:
         return []
     types = _template_types(a.value_type, a.float_type)
-    check(types is not None and a.K >= 1 and a.batch <= 65535 and a.d_state <= SCAN_MAX_STATE,
-          "multi_scan: CUDA kernel launch failed: invalid argument")
+    check(types is not None and a.K >= 1 and a.batch <= MAX_GRID_Y and a.d_state <= SCAN_MAX_STATE,
+          not_supported("multi_scan"))
     kernel = _MULTI[(*types, 4 if a.d_state <= 4 else 16 if a.d_state <= 16 else SCAN_MAX_STATE)]
     plans = []
     for k0 in range(0, a.K, S.DIRS_PER_LAUNCH):
@@ -140,6 +141,7 @@ def bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z
                        delta_b_scale, delta_softplus, divide_out):
     op = "bidirectional_scan"
     check(is_cuda(u) and u.dim() == 3, f"{op}: u must be a CUDA tensor (batch, d_inner, seqlen)")
+    check(u.shape[0] <= MAX_GRID_Y, f"{op}: the CUDA kernel takes up to 65535 samples (its grid's y), got {u.shape[0]}")
     check(A.dim() == 2 and A.shape[1] <= SCAN_MAX_STATE,
           f"{op}: d_state up to {SCAN_MAX_STATE} is supported, got {sizes(A)}")
     value_type, float_type = _type_of(op, u), _type_of(op, B)
@@ -200,7 +202,7 @@ def multi_scan(u, delta, A, B, C, D, delta_bias, z, in_index, out_index, u_scale
           f"{op}: A must be float32 ({K}, {dim}, d_state), got {sizes(A)}")
     ns = A.shape[2]
     check(ns <= SCAN_MAX_STATE, f"{op}: d_state up to {SCAN_MAX_STATE} is supported, got {ns}")
-    check(batch <= 65535, f"{op}: the CUDA kernel takes up to 65535 samples, got {batch}")
+    check(batch <= MAX_GRID_Y, f"{op}: the CUDA kernel takes up to 65535 samples, got {batch}")
     value_type, float_type = _type_of(op, ref), _type_of(op, B[0])
     _check_value_types(op, value_type, float_type)
     int8 = value_type == S.SCAN_TYPE["kInt8"]
