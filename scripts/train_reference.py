@@ -1,9 +1,10 @@
-"""Train one of vmq's reference models on CIFAR-10 (CPU), resumable; writes weights and a metrics file.
+"""Train one of vmq's reference models on CIFAR-10 (CPU or GPU), resumable; writes weights and a metrics file.
 
-    python scripts/train_reference.py --data ../shared/data/cifar10 --out runs/reference [--model NAME]
+    python scripts/train_reference.py --data ../shared/data/cifar10 --out runs/reference [--model NAME] [--device cuda]
 
 ``--model``: a registered 32x32 CIFAR-10 model (default: the Vim reference model). Every selective
-scan runs the differentiable fused CPU scan (the family's ``scan_implementation("train")``).
+scan runs the differentiable training scan of the model's device (the family's
+``scan_implementation("train")``: vmq's fused CPU or CUDA scan when vmq._C has it).
 
 The run checkpoints every epoch (``ckpt.pt``) and resumes from it when started again with the
 same ``--out``. At the end it writes ``model.safetensors`` and ``metrics.json`` (top-1 on the
@@ -81,10 +82,11 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, x_uint8, y, batch=500):
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(y), batch):
-        logits = model(to_tensor(x_uint8[i:i + batch]))
-        correct += (logits.argmax(-1).numpy() == y[i:i + batch]).sum()
+        logits = model(to_tensor(x_uint8[i:i + batch]).to(device))
+        correct += (logits.argmax(-1).cpu().numpy() == y[i:i + batch]).sum()
     model.train()
     return 100.0 * correct / len(y)
 
@@ -103,7 +105,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-steps", type=int, default=0, help="stop after this many steps (smoke test)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (augmentation stays on the CPU)")
     args = ap.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +120,7 @@ def main() -> None:
     lossless = np.load(args.data / "cifar10_lossless_subset.npz", allow_pickle=False)
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model).train()
+    model = create_model(args.model).train().to(device)
     family = family_for(args.model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -130,7 +139,7 @@ def main() -> None:
     ckpt_path = args.out / "ckpt.pt"
     start_epoch, wall = 0, 0.0
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start_epoch, wall = int(ck["epoch"]), float(ck["wall"])
@@ -140,7 +149,7 @@ def main() -> None:
     ytrain = torch.from_numpy(train_y)
     log = open(args.out / "log.jsonl", "a")
     step = start_epoch * steps_per_epoch
-    # the differentiable scan of vmq.ops (the fused C++ one on CPU) for the whole run
+    # the differentiable scan of vmq.ops for the model's device (vmq.ops.training_scan) for the whole run
     with family.scan_implementation(model, "train"):
         for epoch in range(start_epoch, args.epochs):
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -148,7 +157,7 @@ def main() -> None:
             t0, seen_loss = time.time(), 0.0
             for i in range(steps_per_epoch):
                 idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-                xb, yb = augment(xtrain[idx], g), ytrain[idx]
+                xb, yb = augment(xtrain[idx], g).to(device), ytrain[idx].to(device)
                 for pg in opt.param_groups:
                     pg["lr"] = lr_at(step)
                 loss = F.cross_entropy(model(xb), yb, label_smoothing=args.label_smoothing)
@@ -179,13 +188,14 @@ def main() -> None:
 
     full = evaluate(model, test_x, test_y)
     exact = evaluate(model, lossless["test_x"], lossless["test_y"].astype(np.int64))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(args.out / "model.tmp"), metadata={"format": "pt"})
     os.replace(args.out / "model.tmp", args.out / "model.safetensors")
     metrics = {"top1_test_10000": full, "top1_lossless_1017": exact, "train_wall_s": wall,
                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
                "label_smoothing": args.label_smoothing, "seed": args.seed, "threads": args.threads,
+               "device": str(device),
                "model": args.model, "config": family.config_to_dict(config_for(args.model))}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics), flush=True)

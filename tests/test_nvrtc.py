@@ -27,7 +27,7 @@ from vmq.errors import VmqError
 from vmq.ops import _library, nvrtc
 from vmq.ops.backend import BUILD_FIX, CAPABILITIES, use_native
 from vmq.ops.linear import pack_int4
-from vmq.ops.nvrtc import build, common, gemm, scan, structs
+from vmq.ops.nvrtc import build, common, gemm, scan, scan_train, structs
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
@@ -82,8 +82,9 @@ def test_struct_mirrors_match_the_cxx_layout(tmp_path):
         lines += [f'std::printf("{cls.__name__} {f} %zu\\n", offsetof({name}, {f}));' for f, _ in cls._fields_]
     for enum, values in (("ScanType", structs.SCAN_TYPE), ("ScanMerge", structs.SCAN_MERGE)):
         lines += [f'std::printf("{enum} {v} %d\\n", static_cast<int>(vmq::cuda::{enum}::{v}));' for v in values]
-    lines += ['std::printf("const kScanMaxState %d\\n", vmq::cuda::kScanMaxState);',
-              'std::printf("const kKmeansMaxDim %d\\n", vmq::cuda::kKmeansMaxDim);']
+    consts = {"kScanMaxState": scan.SCAN_MAX_STATE, "kKmeansMaxDim": gemm.KMEANS_MAX_DIM,
+              "kScanTrainChunk": scan_train.CHUNK, "kScanTrainMaxState": scan_train.MAX_STATE}
+    lines += [f'std::printf("const {c} %d\\n", vmq::cuda::{c});' for c in consts]
     (tmp_path / "layout.cpp").write_text("#include <cstddef>\n#include <cstdio>\n#include \"cuda/launchers.h\"\n"
                                          "int main() {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
     exe = tmp_path / "layout"
@@ -94,7 +95,7 @@ def test_struct_mirrors_match_the_cxx_layout(tmp_path):
     want = {(cls.__name__, f): v for cls in structs.LAUNCHERS_H for f, v in structs.layout(cls)}
     want.update({("ScanType", k): v for k, v in structs.SCAN_TYPE.items()})
     want.update({("ScanMerge", k): v for k, v in structs.SCAN_MERGE.items()})
-    want.update({("const", "kScanMaxState"): scan.SCAN_MAX_STATE, ("const", "kKmeansMaxDim"): gemm.KMEANS_MAX_DIM})
+    want.update({("const", c): v for c, v in consts.items()})
     assert got == want
 
 
@@ -232,7 +233,7 @@ def launches(monkeypatch):
     got = []
     monkeypatch.setattr(build, "launch", lambda op, kernel, device, grid, block, args: got.append(
         types.SimpleNamespace(op=op, name=kernel.name, grid=tuple(grid), block=block, args=args)))
-    for module in (common, gemm, scan):
+    for module in (common, gemm, scan, scan_train):
         monkeypatch.setattr(module, "is_cuda", lambda t: True)
     monkeypatch.setattr(gemm, "check_tensor_cores", lambda t, op: None)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -399,3 +400,21 @@ def test_scan_bindings_plan_the_launchers_launches(launches):
     assert l2.dir[1].delta_bias is None and l2.dir[1].u.p == margs[0][9].data_ptr()
     with pytest.raises(RuntimeError, match="^multi_scan: merge must be sum, mean or none, got max$"):
         scan.multi_scan(*margs[:14], "max")
+
+
+def test_scan_train_bindings_plan_the_launchers_launches(launches):
+    u, delta, A, B, C = (torch.rand(*s) for s in ((2, 130, 33), (2, 130, 33), (130, 17), (2, 33, 17), (2, 33, 17)))
+    y = scan_train.scan_train_fwd(u, delta, A, B, C)
+    gu, _, gA, gB, gC = scan_train.scan_train_bwd(u, delta, A, B, C, torch.randn(2, 33, 130).transpose(1, 2))
+    fwd, ckpt, bwd = launches  # 64 channels of a sample per block; the backward after checkpoints every 16 tokens
+    assert [(la.name, la.grid, la.block) for la in launches] == [
+        (f"vmq::cuda::scan_train_{k}_kernel<64>", (3, 2), 64) for k in ("fwd", "fwd", "bwd")]
+    a, g = fwd.args[0], bwd.args[1]
+    assert (a.u, a.C, a.batch, a.dim, a.len, a.d_state) == (u.data_ptr(), C.data_ptr(), 2, 130, 33, 17)
+    assert (fwd.args[1].value, fwd.args[2].value, ckpt.args[1].value) == (y.data_ptr(), None, None)
+    assert (ckpt.args[2].value, g.gu, g.gC) == (g.ckpt, gu.data_ptr(), gC.data_ptr())
+    assert gA.shape == (130, 17) and not gA.any() and not gB.any()  # zeroed for the kernel's atomics
+    plans = [scan_train.fwd_launch(structs.ScanTrainArgs(batch=1, dim=1, len=1, d_state=n), 0) for n in (0, 4, 5, 64)]
+    assert [p[0].name.split("<")[1] for p in plans] == ["4>", "4>", "16>", "64>"]  # the kernels' kMaxN
+    with pytest.raises(RuntimeError, match="^scan_train_fwd: B must be contiguous$"):
+        scan_train.scan_train_fwd(u, delta, A, B.transpose(1, 2).contiguous().transpose(1, 2), C)

@@ -17,6 +17,10 @@ import torch
 
 from tests.test_kernels import _linear_inputs, _multi_scan_inputs, _scan_inputs, _vq_inputs
 from tests.test_kernels_gpu import VQ_CASES, _bf16, _vq_check
+from tests.test_scan_train_cuda import EMPTY as TRAIN_EMPTY
+from tests.test_scan_train_cuda import NAMES as TRAIN_NAMES
+from tests.test_scan_train_cuda import SHAPES as TRAIN_SHAPES
+from tests.test_scan_train_cuda import _close, _inputs, _poison
 from vmq.models.scan_orders import stack_orders
 from vmq.ops import _library, nvrtc
 from vmq.ops.kmeans import assign_ref
@@ -24,8 +28,10 @@ from vmq.ops.linear import int8_linear_ref, pack_int4, vq_linear_ref, w4a8_linea
 from vmq.ops.multi_scan import multi_scan_ref
 from vmq.ops.nvrtc import gemm as G
 from vmq.ops.nvrtc import scan as S
+from vmq.ops.nvrtc import scan_train as T
 from vmq.ops.quantize import quantize_per_token_ref
 from vmq.ops.scan import bidirectional_scan_ref
+from vmq.ops.scan_train import scan_train_bwd_ref, scan_train_fwd_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu,
@@ -180,6 +186,25 @@ def test_gemms_loop_past_65535_blocks_of_output_channels():
     _vq_check(out, vq_linear_ref(_bf16(x), codes, _bf16(cb.float()), n), x, codes, cb, n, None, 1e-4)
 
 
+@pytest.mark.parametrize("shape", TRAIN_SHAPES + TRAIN_EMPTY, ids=lambda s: "x".join(map(str, s)))
+def test_scan_train_matches_twins(shape):
+    """The forward and its five gradients, on outputs allocated over NaN, to tests/test_scan_train_cuda.py's
+    bounds; empty shapes as the CPU kernel (empty outputs, zero gradients of A, B, C where those are not empty)."""
+    args, gy = _inputs(*shape)
+    if 0 in shape:
+        host = [t.cpu() for t in args]
+        want = [torch.ops.vmq.scan_train_fwd(*host), *torch.ops.vmq.scan_train_bwd(*host, gy.cpu())]
+        got = [T.scan_train_fwd(*args), *T.scan_train_bwd(*args, gy)]
+        assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+        return
+    _poison(args[0])
+    _close(T.scan_train_fwd(*args), scan_train_fwd_ref(*args), "y")
+    _poison(*args, *args)
+    for name, got, want in zip(TRAIN_NAMES, T.scan_train_bwd(*args, gy.transpose(1, 2).contiguous().transpose(1, 2)),
+                               scan_train_bwd_ref(*args, gy)):
+        _close(got, want, f"grad {name}")
+
+
 @pytest.mark.parametrize("n,k,d", [(1000, 16, 4), (777, 5, 1), (2000, 64, 32)])
 def test_kmeans_assign_finds_a_nearest_centroid(n, k, d):
     g = torch.Generator().manual_seed(0)
@@ -222,6 +247,10 @@ def test_nvrtc_kernels_equal_the_compiled_ones():
         torch.testing.assert_close(G.vq_linear(x, *vq[1:]), native.vq_linear(x, *vq[1:]), rtol=1e-5, atol=1e-5)
     args = cu(_scan_inputs(2, 192, 197, 16, seed=2)) + [None] * 4 + [True, True]
     torch.testing.assert_close(S.bidirectional_scan(*args), native.bidirectional_scan(*args), rtol=1e-6, atol=1e-6)
+    args, gy = _inputs(2, 130, 197, 17, seed=2)  # (dB, dC: sums by atomics, in no fixed order)
+    torch.testing.assert_close(T.scan_train_fwd(*args), native.scan_train_fwd(*args), rtol=1e-6, atol=1e-6)
+    for got, want in zip(T.scan_train_bwd(*args, gy), native.scan_train_bwd(*args, gy)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_launches_go_to_the_current_stream_and_into_cuda_graphs():

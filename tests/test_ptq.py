@@ -200,6 +200,18 @@ def test_jlss_lowers_the_block_loss(tiny, loss, target):
         assert rep.jlss_loss_after < rep.jlss_loss_before
 
 
+def test_jlss_never_leaves_a_block_worse_than_its_start(tiny):
+    # a learning rate far too large for the step sizes: every block's learning ends above its start,
+    # so the starting parameters come back (the loss reported after equals the one before)
+    model, images, stats = tiny
+    qmodel = copy.deepcopy(model)
+    r = recipe(method="ptq4vm", scheme="W4A8", jlss={"iterations": 5, "batch_size": 8, "lr_scale": 10.0})
+    with torch.no_grad():
+        reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
+    for rep in reports:
+        assert rep.jlss_loss_after <= rep.jlss_loss_before
+
+
 def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):
     model, images, stats = tiny
     files = []

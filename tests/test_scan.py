@@ -6,8 +6,11 @@ import torch
 
 from vmq.errors import VmqError
 from vmq.ops import _library
+from vmq.ops.multi_scan import multi_direction_scan
 from vmq.ops.scan import mamba_ssm_available, one_direction_scan, selective_scan_ref, two_direction_scan
-from vmq.ops.scan_train import (scan_train_bwd_ref, scan_train_fwd_ref, selective_scan_fused_cpu, training_scan)
+from vmq.ops import scan_train
+from vmq.ops.scan_train import (mamba_ssm_scan, scan_train_bwd_ref, scan_train_fwd_ref, selective_scan_fused,
+                                training_scan)
 
 native = pytest.mark.skipif(_library.NATIVE is None, reason=f"vmq._C is {_library.NATIVE_ERROR}")
 
@@ -66,7 +69,7 @@ def test_ref_rejects_bad_shapes():
 def test_fused_training_scan_matches_ref(n):
     args = [a.float().requires_grad_() for a in _inputs(b=3, e=5, l=9, n=n, seed=1)]
     y_ref = selective_scan_ref(*args, delta_softplus=True)
-    y = selective_scan_fused_cpu(*args, delta_softplus=True)
+    y = selective_scan_fused(*args, delta_softplus=True)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn_like(y)
     g_ref = torch.autograd.grad(y_ref, args, gy)
@@ -93,9 +96,11 @@ def test_scan_train_bwd_ref_is_the_autograd_of_the_fwd_twin():
 
 
 @native
-@pytest.mark.parametrize("n", [4, 16])
-def test_scan_train_kernels_match_twins(n):
-    args = _train_inputs(n=n)
+@pytest.mark.parametrize("n, l", [(1, 9), (4, 9), (16, 9), (17, 9), (16, 1), (16, 40), (64, 20)])
+def test_scan_train_kernels_match_twins(n, l):
+    """The CPU kernels, i.e. the step arithmetic of csrc/cuda/scan_train_step.h they share with the CUDA
+    kernels, on both of its loop forms (d_state 16 fixed, any other count)."""
+    args = _train_inputs(l=l, n=n)
     y = torch.ops.vmq.scan_train_fwd(*args)
     torch.testing.assert_close(y, scan_train_fwd_ref(*args), atol=1e-5, rtol=1e-5)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
@@ -105,16 +110,34 @@ def test_scan_train_kernels_match_twins(n):
 
 
 def test_training_scan_per_device():
-    fused = _library.has_kernel("scan_train_fwd", "cpu")
+    fused_cpu, fused_cuda = scan_train.available("cpu"), scan_train.available("cuda")
     assert training_scan() is training_scan("cpu") is training_scan(torch.device("cpu"))
-    assert training_scan("cpu") is (selective_scan_fused_cpu if fused else selective_scan_ref)
-    assert training_scan("cuda") is selective_scan_ref  # no CUDA training kernel yet
+    assert training_scan("cpu") is (selective_scan_fused if fused_cpu else selective_scan_ref)
+    fallback = mamba_ssm_scan() or selective_scan_ref
+    assert training_scan("cuda") is (selective_scan_fused if fused_cuda else fallback)
+
+
+def test_training_scan_cuda_choice(monkeypatch):
+    """CUDA: the fused scan with vmq._C's CUDA kernels, else mamba-ssm's scan when it imports, else the reference."""
+    def mamba_scan(*args, **kw):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(scan_train, "available", lambda device="cpu": True)
+    assert training_scan("cuda") is selective_scan_fused
+    monkeypatch.setattr(scan_train, "available", lambda device="cpu": torch.device(device).type == "cpu")
+    monkeypatch.setattr(scan_train, "mamba_ssm_scan", lambda: mamba_scan)
+    monkeypatch.setattr(scan_train, "mamba_ssm_available", lambda: True)
+    assert training_scan("cuda") is mamba_scan
+    assert training_scan("cpu") is selective_scan_fused  # never mamba-ssm's on a CPU
+    monkeypatch.setattr(scan_train, "mamba_ssm_scan", lambda: None)
+    monkeypatch.setattr(scan_train, "mamba_ssm_available", lambda: False)
+    assert training_scan("cuda") is selective_scan_ref
 
 
 def test_one_direction_scan_by_name():
     assert one_direction_scan("reference", "cpu") is selective_scan_ref
     assert one_direction_scan("train", "cpu") is training_scan("cpu")
-    assert one_direction_scan("train", "cuda") is selective_scan_ref
+    assert one_direction_scan("train", "cuda") is training_scan("cuda")
     if mamba_ssm_available():
         assert callable(one_direction_scan("mamba_ssm", "cuda"))
     else:
@@ -138,3 +161,27 @@ def test_bidirectional_matches_official_composition():
     nodiv = two_direction_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_softplus=True,
                                divide_out=False)
     torch.testing.assert_close(nodiv, y_f + y_b)
+
+
+def _mamba_ssm_signature(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """A scan with mamba-ssm's ``selective_scan_fn`` signature (8th positional: delta_bias)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus)
+
+
+def test_one_direction_scans_are_called_by_keyword():
+    # the compositions must pass z and delta_softplus by name: mamba-ssm's 8th argument is delta_bias
+    g = torch.Generator().manual_seed(5)
+    b, d, n, l = 2, 6, 4, 9
+    u, delta, z = (torch.randn(b, d, l, generator=g) for _ in range(3))
+    A, D = -torch.rand(d, n, generator=g) - 0.5, torch.randn(d, generator=g)
+    B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
+    args = (u, delta, A, B, C, D, u, delta, A, B, C, D, z, True, True)
+    ref = two_direction_scan(*args, scan=selective_scan_ref)
+    assert torch.allclose(two_direction_scan(*args, scan=_mamba_ssm_signature), ref)
+    out_index = torch.arange(l).unsqueeze(0)
+    m_args = ([u], [delta], A[None], [B], [C], D[None], None, z, None, out_index, l, True, "sum")
+    assert torch.allclose(multi_direction_scan(*m_args, scan=_mamba_ssm_signature),
+                          multi_direction_scan(*m_args, scan=selective_scan_ref))

@@ -5,7 +5,8 @@
 // Layouts: u, delta, y: (batch, d_inner, seqlen); A: (d_inner, d_state);
 //          B, C: (batch, seqlen, d_state)   (token-major, as x_proj produces them).
 // The backward recomputes the states of one sequence into a small local buffer, so nothing
-// of size batch x d_inner x seqlen x d_state is ever stored.
+// of size batch x d_inner x seqlen x d_state is ever stored. The per-step arithmetic is that of
+// cuda/scan_train_step.h, which the CUDA kernel runs too.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,9 @@
 // the recurrence's inner sums may be reassociated and vectorised (the file's historical flags)
 #pragma GCC push_options
 #pragma GCC optimize("fast-math")
+
+// after the pragma: its inline steps are compiled (and inlined) like the loops here
+#include "cuda/scan_train_step.h"
 
 namespace {
 
@@ -64,13 +68,7 @@ at::Tensor scan_fwd_impl(const at::Tensor& u, const at::Tensor& delta, const at:
         const float du = di[t] * ui[t];
         const float* Bt = pB + (b * len + t) * ns;
         const float* Ct = pC + (b * len + t) * ns;
-        const float* at_ = a + t * ns;
-        float acc = 0.f;
-        for (int64_t n = 0; n < ns; ++n) {
-          h[n] = at_[n] * h[n] + du * Bt[n];
-          acc += h[n] * Ct[n];
-        }
-        yi[t] = acc;
+        yi[t] = vmq::scan_train::forward_step<kNs>(h, a + t * ns, du, Bt, Ct, static_cast<int>(ns));
       }
     }
   });
@@ -120,27 +118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd_
         std::fill(g, g + ns, 0.f);
         std::fill(gA, gA + ns, 0.f);
         for (int64_t t = len - 1; t >= 0; --t) {
-          const float d = di[t], ut = ui[t], du = d * ut, gyt = gyi[t];
-          const float* Bt = pB + (b * len + t) * ns;
-          const float* Ct = pC + (b * len + t) * ns;
-          float* __restrict gBt = pgB + (b * len + t) * ns;
-          float* __restrict gCt = pgC + (b * len + t) * ns;
-          const float* at_ = as.data() + t * ns;
-          const float* ht = hs.data() + t * ns;
-          const float* hp = t > 0 ? hs.data() + (t - 1) * ns : nullptr;
-          float gdelta = 0.f, gdu = 0.f;
-          for (int64_t n = 0; n < ns; ++n) {
-            const float gn = g[n] + gyt * Ct[n];
-            gCt[n] += gyt * ht[n];
-            const float gdA = hp ? gn * hp[n] * at_[n] : 0.f;
-            gdelta += gdA * Ae[n];
-            gA[n] += gdA * d;
-            gdu += gn * Bt[n];
-            gBt[n] += gn * du;
-            g[n] = gn * at_[n];
-          }
-          pgd[i * len + t] = gdelta + gdu * ut;
-          pgu[i * len + t] = gdu * d;
+          const float d = di[t], ut = ui[t];
+          const int64_t bt = (b * len + t) * ns;
+          const auto s = vmq::scan_train::backward_step<kNs, true>(
+              g, gA, pgB + bt, pgC + bt, as.data() + t * ns, hs.data() + t * ns,
+              t > 0 ? hs.data() + (t - 1) * ns : nullptr, Ae,
+              pB + bt, pC + bt, d, d * ut, gyi[t], static_cast<int>(ns));
+          pgd[i * len + t] = vmq::scan_train::grad_delta(s, ut);
+          pgu[i * len + t] = vmq::scan_train::grad_u(s, d);
         }
         for (int64_t n = 0; n < ns; ++n) gAi[n] = gA[n];
       }

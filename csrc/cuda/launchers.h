@@ -116,4 +116,23 @@ cudaError_t launch_kmeans_assign(const float* x, const float* w, int64_t w_row_s
                                  int64_t n, int64_t k, int64_t d, int64_t* codes, float* dist,
                                  cudaStream_t stream);
 
+// ---- training scan, forward and backward (scan_train.cu) -------------------------------------
+// The core recurrence of vmq::scan_train_fwd / scan_train_bwd (scan_train_step.h), fp32, all
+// contiguous: u, delta, y, grad_y, gu, gdelta (batch, dim, len); A (dim, d_state);
+// B, C, gB, gC (batch, len, d_state). batch <= 65535 (grid.y), d_state <= kScanTrainMaxState.
+struct ScanTrainArgs {
+  const float *u, *delta, *A, *B, *C;
+  int64_t batch, dim, len, d_state;
+};
+struct ScanTrainGrads {
+  const float* grad_y;
+  float* ckpt;     // scratch (batch, ceil(len / kScanTrainChunk), d_state, dim)
+  float *gu, *gdelta;
+  float* gA_part;  // (batch, d_state, dim): dA of each sample (written when len > 0)
+  float *gB, *gC;  // zero on entry: accumulated with atomics
+};
+constexpr int kScanTrainChunk = 16, kScanTrainMaxState = 64;
+cudaError_t launch_scan_train_fwd(const ScanTrainArgs& a, float* y, cudaStream_t stream);
+cudaError_t launch_scan_train_bwd(const ScanTrainArgs& a, const ScanTrainGrads& g, cudaStream_t stream);
+
 }  // namespace vmq::cuda

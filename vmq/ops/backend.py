@@ -34,8 +34,8 @@ BUILD_FIX = ("build it from the vmq source checkout with `pip install --no-build
 # the twin runs, also when the backend names that device). A test holds the "kernel" entries to
 # what vmq._C registers.
 CAPABILITIES: Dict[str, Dict[str, str]] = {
-    "scan_train_fwd": {"cpu": "kernel", "cuda": "fallback"},
-    "scan_train_bwd": {"cpu": "kernel", "cuda": "fallback"},
+    "scan_train_fwd": {"cpu": "kernel", "cuda": "kernel"},
+    "scan_train_bwd": {"cpu": "kernel", "cuda": "kernel"},
     "kmeans_assign": {"cpu": "kernel", "cuda": "kernel"},
     "kmeans_update": {"cpu": "kernel", "cuda": "fallback"},
     "bidirectional_scan": {"cpu": "kernel", "cuda": "kernel"},

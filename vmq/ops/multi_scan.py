@@ -124,7 +124,7 @@ def multi_direction_scan(
         if delta_bias is not None:
             dk = dk + delta_bias[k].to(dk.dtype)[None, :, None]
         y = scan(gather_steps(u[k], idx), dk, A[k], gather_steps(B[k], idx), gather_steps(C[k], idx),
-                 None if D is None else D[k], None, delta_softplus)
+                 None if D is None else D[k], z=None, delta_softplus=delta_softplus)
         ys.append(_scatter(y, out_index[k], seqlen))
     if merge == "none":
         out = torch.stack(ys, dim=1)

@@ -19,7 +19,6 @@ the backward one on t = L-1..0, every tensor in the original time order, and sum
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Union
 
 import torch
@@ -29,7 +28,8 @@ from torch import Tensor
 from vmq.errors import VmqError
 from vmq.ops.backend import use_native
 from vmq.ops.scan_ref import selective_scan_ref
-from vmq.ops.scan_train import training_scan
+from vmq.ops.scan_train import mamba_ssm_available  # noqa: F401  (re-exported: one of this module's scans)
+from vmq.ops.scan_train import mamba_ssm_scan, training_scan
 
 SCAN_IMPLS = ("reference", "train", "mamba_ssm")
 
@@ -49,8 +49,9 @@ def two_direction_scan(
     ``divide_out``) and gated once by ``silu(z)``, which equals gating each direction before the
     sum as the official code does. ``scan`` is the one-direction implementation to use.
     """
-    y = scan(u, delta, A, B, C, D, None, delta_softplus)
-    y_b = scan(u_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, None, delta_softplus).flip(-1)
+    y = scan(u, delta, A, B, C, D, z=None, delta_softplus=delta_softplus)
+    y_b = scan(u_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, z=None,
+               delta_softplus=delta_softplus).flip(-1)
     y = y + y_b
     if divide_out:
         y = y / 2
@@ -115,26 +116,11 @@ def bidirectional_scan(
                                             delta_scale, u_b_scale, delta_b_scale, delta_softplus, divide_out)
 
 
-@functools.lru_cache(maxsize=None)
-def _mamba_ssm_scan():
-    """mamba-ssm's ``selective_scan_fn``, or None when it is not installed (or installed without its CUDA build)."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # noqa: BLE001  (an ImportError, or its CUDA extension failing to load)
-        return None
-    return selective_scan_fn
-
-
-def mamba_ssm_available() -> bool:
-    """Whether mamba-ssm's ``selective_scan_fn`` imports (the ``mamba_ssm`` scan)."""
-    return _mamba_ssm_scan() is not None
-
-
 def one_direction_scan(impl: str, device: Union[str, torch.device] = "cpu") -> Callable:
     """A one-direction scan with the contract of ``selective_scan_ref``, for tensors on ``device``.
 
     ``reference``: :func:`selective_scan_ref`; ``train``: :func:`vmq.ops.scan_train.training_scan`
-    (differentiable; the fused CPU kernel when built); ``mamba_ssm``: mamba-ssm's
+    (differentiable; the fused kernels of vmq._C for the device when built); ``mamba_ssm``: mamba-ssm's
     ``selective_scan_fn`` (CUDA), or a VmqError when it is not installed.
     """
     if impl == "reference":
@@ -142,7 +128,7 @@ def one_direction_scan(impl: str, device: Union[str, torch.device] = "cpu") -> C
     if impl == "train":
         return training_scan(device)
     if impl == "mamba_ssm":
-        scan = _mamba_ssm_scan()
+        scan = mamba_ssm_scan()
         if scan is None:
             raise VmqError("the mamba_ssm scan needs mamba-ssm with its CUDA build (`pip install mamba-ssm`), "
                            "which does not import here")

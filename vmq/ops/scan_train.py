@@ -1,20 +1,25 @@
-"""The trainable one-direction scan: a fused CPU kernel (``vmq::scan_train_fwd/bwd``) or the reference.
+"""The trainable one-direction scan: fused kernels (``vmq::scan_train_fwd/bwd``) or a fallback.
 
-Used to train vmq's reference models on a CPU, and by JLSS and the VQ search, where the
-reference time loop's autograd graph is far too slow. :func:`selective_scan_fused_cpu` has the
-exact contract of :func:`vmq.ops.scan_ref.selective_scan_ref`: softplus, the ``D`` skip and the
-``z`` gate stay in PyTorch autograd around the kernels' core recurrence
+Used to train vmq's reference models, and by JLSS and the VQ search, where the reference time
+loop's autograd graph is far too slow. :func:`selective_scan_fused` has the exact contract of
+:func:`vmq.ops.scan_ref.selective_scan_ref`: softplus, the ``D`` skip and the ``z`` gate stay in
+PyTorch autograd around the kernels' core recurrence
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t,      y_t = <h_t, C_t>
 
-on fp32 contiguous tensors, with ``B``, ``C`` token-major (batch, seqlen, d_state). The twins
+on fp32 contiguous tensors, with ``B``, ``C`` token-major (batch, seqlen, d_state). The
+dispatcher runs the CPU or the CUDA kernel of vmq._C by the tensors' device. The twins
 :func:`scan_train_fwd_ref` (that recurrence through ``selective_scan_ref``) and
 :func:`scan_train_bwd_ref` (its gradients) define the two ops; tests hold the kernels to them.
-:func:`training_scan` picks the differentiable scan for a device.
+
+:func:`training_scan` picks the differentiable scan for a device: the fused scan where vmq._C
+has its kernels for that device; on CUDA without them, mamba-ssm's ``selective_scan_fn`` when it
+imports; else ``selective_scan_ref``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -27,18 +32,37 @@ from vmq.ops.backend import BUILD_FIX, native_status
 from vmq.ops.scan_ref import check_scan_shapes, selective_scan_ref
 
 
-def available() -> bool:
-    return _library.has_kernel("scan_train_fwd", "cpu") and _library.has_kernel("scan_train_bwd", "cpu")
+def available(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether vmq._C has the fused training scan's kernels (forward and backward) for ``device``."""
+    kind = torch.device(device).type
+    return _library.has_kernel("scan_train_fwd", kind) and _library.has_kernel("scan_train_bwd", kind)
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_scan() -> Optional[Callable]:
+    """mamba-ssm's ``selective_scan_fn``, or None when it is not installed (or installed without its CUDA build)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # noqa: BLE001  (an ImportError, or its CUDA extension failing to load)
+        return None
+    return selective_scan_fn
+
+
+def mamba_ssm_available() -> bool:
+    """Whether mamba-ssm's ``selective_scan_fn`` imports (the ``mamba_ssm`` scan)."""
+    return mamba_ssm_scan() is not None
 
 
 def training_scan(device: Union[str, torch.device] = "cpu") -> Callable:
     """The differentiable one-direction scan for ``device`` (contract of ``selective_scan_ref``).
 
-    The fused CPU scan on a CPU when vmq._C is built, else the reference (no CUDA training
-    kernel yet).
+    :func:`selective_scan_fused` where vmq._C has its kernels for the device; on CUDA without
+    them, mamba-ssm's ``selective_scan_fn`` when it imports; else the reference.
     """
-    if torch.device(device).type == "cpu" and available():
-        return selective_scan_fused_cpu
+    if available(device):
+        return selective_scan_fused
+    if torch.device(device).type == "cuda" and mamba_ssm_available():
+        return mamba_ssm_scan()
     return selective_scan_ref
 
 
@@ -98,7 +122,7 @@ class _FusedScan(torch.autograd.Function):
         return tuple(torch.ops.vmq.scan_train_bwd(*ctx.saved_tensors, gy.contiguous()))
 
 
-def selective_scan_fused_cpu(
+def selective_scan_fused(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -108,9 +132,11 @@ def selective_scan_fused_cpu(
     z: Optional[Tensor] = None,
     delta_softplus: bool = False,
 ) -> Tensor:
-    """Same contract as ``selective_scan_ref``; differentiable in every input."""
-    if not available():
-        raise VmqError(f"the fused training scan needs vmq._C, which is {native_status()}: {BUILD_FIX}")
+    """Same contract as ``selective_scan_ref``; differentiable in every input; on the kernels of u's device."""
+    if not available(u.device):
+        if _library.NATIVE is None:
+            raise VmqError(f"the fused training scan needs vmq._C, which is {native_status()}: {BUILD_FIX}")
+        raise VmqError(f"vmq._C was built without the fused training scan's {u.device.type} kernels")
     dtype_in = u.dtype
     u, delta, A = u.float().contiguous(), delta.float(), A.float().contiguous()
     if delta_softplus:

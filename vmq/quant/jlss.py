@@ -25,7 +25,9 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
                 layers: Dict[str, QuantLinear], cfg: JLSS, seed: int = 0) -> Tuple[float, float]:
     """Optimise the quantization parameters of ``layers`` (inside ``block``) in place.
 
-    Returns the loss over all inputs before and after learning.
+    Returns the loss over all inputs before and after learning. When learning ended above its
+    start (too large a step for the block's step sizes, or noise on few images), the starting
+    parameters are put back, so a block never leaves JLSS worse on its own objective.
     """
     scales, smooths = [], []
     for q in layers.values():
@@ -41,6 +43,7 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
     loss_fn = LOSSES[cfg.loss]
 
     before = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size)
+    start = [p.detach().clone() for p in scales + smooths]
     for q in layers.values():  # LSQ gradient scaling is active in training mode; the rest stays in eval
         q.train()
     try:
@@ -53,7 +56,13 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
     finally:
         for q in layers.values():
             q.eval()
-    return before, block_loss(family, block, inputs, target, loss_fn, cfg.batch_size)
+    after = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size)
+    if not after <= before:  # (also when the loss became NaN)
+        with torch.no_grad():
+            for p, p0 in zip(scales + smooths, start):
+                p.copy_(p0)
+        after = before
+    return before, after
 
 
 __all__ = ["learn_block"]

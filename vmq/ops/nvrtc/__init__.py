@@ -30,12 +30,12 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from vmq.errors import VmqError
-from vmq.ops.nvrtc import build, gemm, scan
+from vmq.ops.nvrtc import build, gemm, scan, scan_train
 
 MODES = ("auto", "native", "nvrtc")
 ENV = "VMQ_CUDA_KERNELS"
-IMPLS = {**gemm.IMPLS, **scan.IMPLS}
-KERNELS = gemm.KERNELS + scan.KERNELS
+IMPLS = {**gemm.IMPLS, **scan.IMPLS, **scan_train.IMPLS}
+KERNELS = gemm.KERNELS + scan.KERNELS + scan_train.KERNELS
 
 
 class CudaKernels(NamedTuple):

@@ -71,13 +71,25 @@ class VqGemmArgs(ctypes.Structure):
                 ("size", _i64), ("dim", _i64), ("rows_per_group", _i64)]
 
 
+class ScanTrainArgs(ctypes.Structure):
+    _fields_ = [("u", _ptr), ("delta", _ptr), ("A", _ptr), ("B", _ptr), ("C", _ptr), ("batch", _i64), ("dim", _i64),
+                ("len", _i64), ("d_state", _i64)]
+
+
+class ScanTrainGrads(ctypes.Structure):
+    _fields_ = [("grad_y", _ptr), ("ckpt", _ptr), ("gu", _ptr), ("gdelta", _ptr), ("gA_part", _ptr), ("gB", _ptr),
+                ("gC", _ptr)]
+
+
 # the C++ name of each mirror; LAUNCHERS_H: those declared in launchers.h (the compiled layout test)
 CXX_NAMES: Dict[Type[ctypes.Structure], str] = {
     GemmArgs: "vmq::cuda::GemmArgs", ScanTensor: "vmq::cuda::ScanTensor", ScanDirection: "vmq::cuda::ScanDirection",
     ScanArgs: "vmq::cuda::ScanArgs", MultiScanDirection: "vmq::cuda::MultiScanDirection",
     MultiScanArgs: "vmq::cuda::MultiScanArgs", MultiScanLaunch: "vmq::cuda::Launch", VqGemmArgs: "vmq::cuda::VqGemmArgs",
+    ScanTrainArgs: "vmq::cuda::ScanTrainArgs", ScanTrainGrads: "vmq::cuda::ScanTrainGrads",
 }
-LAUNCHERS_H = (GemmArgs, ScanTensor, ScanDirection, ScanArgs, MultiScanDirection, MultiScanArgs, VqGemmArgs)
+LAUNCHERS_H = (GemmArgs, ScanTensor, ScanDirection, ScanArgs, MultiScanDirection, MultiScanArgs, VqGemmArgs,
+               ScanTrainArgs, ScanTrainGrads)
 
 
 def layout(cls: Type[ctypes.Structure]) -> List[Tuple[str, int]]:
