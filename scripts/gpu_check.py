@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 # {py}: this Python; {work}: a scratch folder that does not come back. scripts/gpu_e2e_inputs.py
 # writes random-weight checkpoints {work}/<model>_random.pth and 256 random 224x224 images in
 # ImageNet layout under {work}/images/. Vim-S: PTQ4VM W4A8 with 100 JLSS steps per block; Vim-B:
-# W4A8 by RTN (no smoothing, truncation or JLSS: the same integer kernels, for its timings only).
+# W8A8 by RTN (no smoothing, truncation or JLSS: the same integer kernels, for its timings only).
 E2E_COMMANDS = [
     ("e2e-inputs", 90, "{py} scripts/gpu_e2e_inputs.py {work} --images 256 --models vim_small vim_base"),
     ("e2e-quantize-vim-s", 240,
@@ -58,12 +58,12 @@ E2E_COMMANDS = [
     ("e2e-bench-vim-s", 90,
      "{py} -m vmq_cli.main bench {work}/vim_small-w4a8.safetensors --device cuda --batch 1,64 --repeats 20"),
     ("e2e-quantize-vim-b", 120,
-     "{py} -m vmq_cli.main quantize --recipe configs/w4a8.yaml --device cuda --set quantization.method=rtn "
+     "{py} -m vmq_cli.main quantize --recipe configs/w8a8.yaml --device cuda --set quantization.method=rtn "
      "--set model.name=vim_base --set model.checkpoint={work}/vim_base_random.pth "
      "--set calibration.data={work}/images --set calibration.num_images=256 --no-eval "
-     "--out {work}/vim_base-w4a8.safetensors"),
+     "--out {work}/vim_base-w8a8.safetensors"),
     ("e2e-bench-vim-b", 90,
-     "{py} -m vmq_cli.main bench {work}/vim_base-w4a8.safetensors --device cuda --batch 1,64 --repeats 20"),
+     "{py} -m vmq_cli.main bench {work}/vim_base-w8a8.safetensors --device cuda --batch 1,64 --repeats 20"),
 ]
 # =================================================================================================
 
