@@ -52,6 +52,8 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     stats = CalibStats.load(stats_path) if stats_path is not None else None
     result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress)
     results = result.results()
+    for warning in results["warnings"]:
+        console.warn(warning)
     results.update(result.save(out))
     results["total_seconds"] = round(result.timings["total_seconds"], 2)
     results[method.timing_key] = round(result.seconds, 2)

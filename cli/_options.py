@@ -7,7 +7,8 @@ import click
 
 def model_options(f):
     f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Checkpoint (.pth official, plain state dict, or .safetensors).")(f)
+                     help="Checkpoint (.pth official, plain state dict, or .safetensors), or 'random' for "
+                          "--model with randomly initialised weights (seed 0).")(f)
     f = click.option("--model", "model_name", default=None,
                      help="Registered model name (default: the shipped reference model, or the one "
                           "whose keys fit --checkpoint).")(f)

@@ -13,7 +13,8 @@ from vmq_cli._options import backend_option, check_device
               help="Registered model name, for a floating-point checkpoint (or alone, with random weights "
                    "for a speed-only run of its architecture).")
 @click.option("--batch", "batch", default="1,8,64", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="Where to time the models (on CUDA the baseline is fp16).")
 @backend_option
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed forwards per model and batch size (medians are reported).")
@@ -37,9 +38,9 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     batches = parse_batches(batch)
     import torch
 
-    from vmq.compress.api import load_model
+    from vmq.compress.api import RANDOM_WEIGHTS, load_model
     from vmq.errors import UsageError
-    from vmq.models import config_for, create_model, family_of
+    from vmq.models import family_of
     from vmq.pack.format import is_packed, load_packed
     from vmq.runtime import retain_freed_memory
 
@@ -54,12 +55,11 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
         quant, packed_meta = load_packed(path)
         fp = float_twin(quant)
         fp.vmq_name = quant.vmq_name
-    elif path is None and model_name is not None:
-        config_for(model_name)
-        fp, quant = create_model(model_name, None, pretrained=False), None  # architecture only: random weights
+    elif path is None and model_name is not None:  # architecture only: random weights
+        fp, quant = load_model(model_name, RANDOM_WEIGHTS), None
     else:
         fp, quant = load_model(model_name, path), None
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         models = [gpu_baseline(fp)]
     else:
         models = [BenchModel("fp32", fp, torch.float32, {"scan": "vmq multi_scan"})]

@@ -158,14 +158,14 @@ def run_bench(models: Sequence[BenchModel], image_size: int, batches: Sequence[i
         raise VmqError(f"batch sizes must be positive, got {list(batches)}")
     for bm in models:
         bm.model.eval().to(device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same images on every device
     results = []
     breakdown = {}
     with torch.inference_mode(), use_backend(backend), contextlib.ExitStack() as stack:
         for bm in models:
             stack.enter_context(bm.context())
         for batch in batches:
-            images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
+            images = torch.randn(batch, 3, image_size, image_size, generator=gen, device="cpu").to(device)
             inputs = [images.to(bm.dtype) for bm in models]
             if on_step:
                 on_step(f"batch {batch}: warm-up")

@@ -28,6 +28,7 @@ from vmq.errors import VmqError
 from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
 from vmq.modules import linear_names
+from vmq.runtime import ieee_float32
 
 STATS_FORMAT = "vmq.calibration"
 STATS_VERSION = 1
@@ -94,7 +95,7 @@ class LayerStats:
         return (lo, hi) if per_token else (lo.amin().reshape(1), hi.amax().reshape(1))
 
     def sample_tensor(self) -> Tensor:
-        return torch.cat(self.samples) if self.samples else torch.empty(0)
+        return torch.cat(self.samples) if self.samples else torch.empty(0, device=self.min.device)
 
 
 class LinearObserver:
@@ -204,21 +205,22 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
     """Run the floating-point ``model`` block by block and record every block linear layer's input stats.
 
     The images are moved to the model's device; the statistics stay there (``save`` writes them
-    from the CPU)."""
+    from the CPU). On CUDA in full fp32 (:func:`vmq.runtime.ieee_float32`), like the CPU."""
     if not torch.isfinite(images).all():
         raise VmqError("calibration images hold NaN or Inf")
     family = family_of(model)
     device = next(model.parameters()).device
-    io = family.embed_batched(model, images.to(device), batch_size)
     layers: Dict[str, LayerStats] = {}
     blocks = family.blocks(model)
-    for i, (prefix, block) in enumerate(blocks):
-        with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
-            io = family.run_batched(block, io, batch_size)
-        for name, st in obs.stats.items():
-            layers[prefix + name] = st
-        if on_block is not None:
-            on_block(i + 1, len(blocks))
+    with ieee_float32(device):
+        io = family.embed_batched(model, images.to(device), batch_size)
+        for i, (prefix, block) in enumerate(blocks):
+            with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
+                io = family.run_batched(block, io, batch_size)
+            for name, st in obs.stats.items():
+                layers[prefix + name] = st
+            if on_block is not None:
+                on_block(i + 1, len(blocks))
     meta = {
         "format": STATS_FORMAT,
         "format_version": STATS_VERSION,

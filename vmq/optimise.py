@@ -9,7 +9,7 @@ the loss over all inputs, before and after.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,24 +39,37 @@ LOSSES = {
 
 def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
                batch_size: int) -> float:
-    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples."""
-    total, offset = 0.0, 0
+    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples.
+
+    The sum stays on the device (in float64) until the end: one host sync, not one per batch."""
+    total, offset = torch.zeros((), dtype=torch.float64, device=target.device), 0
     with torch.no_grad():
         for part in io_batches(inputs, batch_size):
             out = family.block_output(family.run_block(block, part))
             n = out.shape[0]
-            total += loss_fn(out, target[offset:offset + n]).item() * n
+            total += loss_fn(out, target[offset:offset + n]).double() * n
             offset += n
-    return total / io_len(inputs)
+    return total.item() / io_len(inputs)
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless batches of sample indices: a random order, walked in steps, reshuffled when a batch
-    would run past its end."""
-    order, pos = torch.randperm(n, generator=generator), 0
+def batch_indices(n: int, batch_size: int, generator: torch.Generator,
+                  device: Union[str, torch.device] = "cpu") -> Iterator[Tensor]:
+    """Endless batches of sample indices on ``device``: a random order, walked in steps, reshuffled
+    when a batch would run past its end.
+
+    The orders are drawn on the CPU (``generator`` is a CPU generator), so the batches are the same
+    on every device; each order is copied to ``device`` once (to a GPU from pinned memory, without
+    waiting for it), not each batch."""
+    cuda = torch.device(device).type == "cuda"
+
+    def shuffled() -> Tensor:
+        order = torch.randperm(n, generator=generator, device="cpu")
+        return order.pin_memory().to(device, non_blocking=True) if cuda else order
+
+    order, pos = shuffled(), 0
     while True:
         if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
+            order, pos = shuffled(), 0
         yield order[pos:pos + batch_size]
         pos += batch_size
 
@@ -65,15 +78,17 @@ class BlockTrainer:
     """Steps of an optimiser on ``params`` of ``block``, each on a random batch of ``inputs``.
 
     Inside the ``with`` block only ``params`` require gradients; the block's own flags are
-    restored afterwards (and ``params`` left without gradients). Batches come from a local
-    generator seeded with ``seed``, so a run does not depend on global random state.
+    restored afterwards (and ``params`` left without gradients). Batches come from a local CPU
+    generator seeded with ``seed``, so a run does not depend on global random state, and a run on
+    a GPU takes the same batches as one on the CPU.
     """
 
     def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
                  batch_size: int, seed: int, params: List[Tensor]):
         self.family, self.block, self.inputs, self.target = family, block, inputs, target
         self.loss_fn, self.params = loss_fn, params
-        self.batches = batch_indices(io_len(inputs), batch_size, torch.Generator().manual_seed(seed))
+        self.batches = batch_indices(io_len(inputs), batch_size, torch.Generator(device="cpu").manual_seed(seed),
+                                     target.device)
         self._saved = {}
 
     def __enter__(self) -> "BlockTrainer":

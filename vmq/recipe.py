@@ -33,7 +33,8 @@ class StrictModel(BaseModel):
 
 class ModelSpec(StrictModel):
     name: Optional[str] = Field(None, description="registered model name; default: the reference model")
-    checkpoint: Optional[str] = Field(None, description="checkpoint file; default: the shipped weights")
+    checkpoint: Optional[str] = Field(None, description="checkpoint file, or 'random' for randomly initialised "
+                                                        "weights (seed 0); default: the shipped weights")
 
 
 class CalibrationSpec(StrictModel):

@@ -1,4 +1,4 @@
-"""Process-level settings for fast CPU inference.
+"""Process-level settings: glibc's allocator for fast CPU inference, and full fp32 precision on CUDA.
 
 A CPU forward allocates and frees activations of several MB per layer. glibc serves blocks that
 large with ``mmap`` and returns them to the system on ``free``, so every forward faults its
@@ -8,13 +8,23 @@ W8A8 forward). :func:`retain_freed_memory` makes glibc keep freed memory for reu
 (the effect of tcmalloc or jemalloc, which PyTorch's CPU tuning guide recommends); the process
 then holds on to its peak footprint. ``vmq eval`` and ``vmq bench`` call it, so both sides of a
 comparison run under the same allocator.
+
+On CUDA, PyTorch runs fp32 convolutions through cuDNN with TF32 (10-bit mantissa) products by
+default, and fp32 matmuls too where a program asked for it: results then differ from the CPU's
+by about 1e-3 relative. :func:`ieee_float32` turns both off inside a block and restores what was
+set before: calibration, compression and evaluation run in it, so that a run on a GPU agrees
+with one on the CPU to fp32 rounding, whatever the process had set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from typing import Iterator, Union
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h>
 _TRIM_THRESHOLD = 1 << 30
@@ -40,3 +50,51 @@ def retain_freed_memory() -> bool:
     if mallopt(_M_MMAP_MAX, 0) != 1:
         return False
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mallopt(_M_TOP_PAD, _TOP_PAD) == 1
+
+
+def _old_switches() -> tuple:
+    """PyTorch's older TF32 switches: (getter, setter, value inside :func:`ieee_float32`)."""
+    cudnn = torch.backends.cudnn
+    return ((torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),
+            (lambda: cudnn.allow_tf32, lambda v: setattr(cudnn, "allow_tf32", v), False))
+
+
+def _new_switches() -> tuple:
+    """PyTorch's newer per-backend fp32 precision switches (all ``ieee`` inside :func:`ieee_float32`;
+    the CPU's matmul one too, which the older matmul switch sets along)."""
+    b = torch.backends
+    return (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn, b.mkldnn.matmul)
+
+
+@contextlib.contextmanager
+def ieee_float32(device: Union[str, torch.device]) -> Iterator[None]:
+    """Full fp32 (IEEE, no TF32) matmuls and cuDNN convolutions on CUDA inside the block; a no-op
+    for other devices. Every switch it touches is restored on exit.
+
+    PyTorch has older switches (``torch.set_float32_matmul_precision``,
+    ``torch.backends.cudnn.allow_tf32``) and newer per-backend ``fp32_precision`` ones, and
+    refuses to run a matmul when the two disagree: both kinds are set, consistently, and both
+    restored (the older first, as setting them also sets the newer). An older switch that
+    PyTorch cannot read (the process had already made them disagree) is set but not restored.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old, new = _old_switches(), _new_switches()
+    saved_new = [s.fp32_precision for s in new]
+    saved_old = []
+    for get, set_, inside in old:
+        try:
+            saved_old.append((set_, get()))
+        except RuntimeError:
+            pass
+        set_(inside)
+    for s in new:
+        s.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for set_, value in saved_old:
+            set_(value)
+        for s, value in zip(new, saved_new):
+            s.fp32_precision = value

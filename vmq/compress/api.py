@@ -81,8 +81,26 @@ def resolve_device(device: Optional[str], recipe: Recipe) -> torch.device:
     return dev
 
 
+#: ``model.checkpoint`` / ``--checkpoint`` value for randomly initialised weights (speed and
+#: memory runs of an architecture, pipeline checks): always the same weights (seed 0)
+RANDOM_WEIGHTS = "random"
+RANDOM_WEIGHTS_WARNING = ("model.checkpoint is 'random': the model has randomly initialised weights (seed 0), "
+                          "so its accuracy figures mean nothing")
+
+
 def load_model(name: Optional[str], checkpoint: Optional[str]) -> nn.Module:
-    """The floating-point model a command or recipe names (a packed file is refused by name)."""
+    """The floating-point model a command or recipe names (a packed file is refused by name).
+
+    ``checkpoint`` :data:`RANDOM_WEIGHTS` (``"random"``): model ``name`` with randomly initialised
+    weights, the same on every call and machine (drawn on the CPU from seed 0; the process's
+    random state is left as it was)."""
+    if checkpoint == RANDOM_WEIGHTS:
+        if name is None:
+            raise VmqError("random weights (checkpoint 'random') need a model name (model.name / --model)")
+        config_for(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(0)
+            return create_model(name, None, pretrained=False)
     if checkpoint is not None and is_packed(checkpoint):
         raise VmqError(f"{checkpoint} is a vmq packed (quantized) file, not a floating-point checkpoint; "
                        f"evaluate it with `vmq eval {checkpoint}`")
@@ -90,7 +108,7 @@ def load_model(name: Optional[str], checkpoint: Optional[str]) -> nn.Module:
         config_for(name)
         if checkpoint is None and canonical_name(name) not in reference_models():
             raise VmqError(f"--model {name} needs --checkpoint: vmq ships weights only for its reference models "
-                           f"({', '.join(reference_models())})")
+                           f"({', '.join(reference_models())}); --checkpoint {RANDOM_WEIGHTS} gives random weights")
     return create_model(name, checkpoint, pretrained=checkpoint is None)
 
 
@@ -198,8 +216,9 @@ def _comparison(recipe: Recipe, fp: Optional[dict], q: Optional[dict], images: T
         "calibration_images": int(images.shape[0]),
         "calibration_data": source,
         "stats": None if stats is None else {k: stats.meta.get(k) for k in ("data", "num_images", "weights_sha256")},
+        "warnings": [RANDOM_WEIGHTS_WARNING] if recipe.model.checkpoint == RANDOM_WEIGHTS else [],
     }
 
 
 __all__ = ["compress", "CompressResult", "read_recipe", "load_model", "resolve_device", "recipe_path_for",
-           "stage_of"]
+           "stage_of", "RANDOM_WEIGHTS"]

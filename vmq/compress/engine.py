@@ -11,7 +11,8 @@ For each block, in order:
 5. the compressed block runs on the compressed inputs, giving the next block's inputs.
 
 The model's family (:mod:`vmq.models.family`) says what the blocks are and how they run; the
-method says what happens to the layers. Everything runs on the model's device.
+method says what happens to the layers. Everything runs on the model's device (on CUDA in full
+fp32, :func:`vmq.runtime.ieee_float32`, so that a GPU run follows a CPU run to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vmq.compress.methods.base import BlockJob, Method
 from vmq.errors import VmqError
 from vmq.metrics import snr_db
 from vmq.models.family import family_of, io_finite
+from vmq.runtime import ieee_float32
 
 SNR_IMAGES = 32
 
@@ -44,7 +46,7 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
     device = next(model.parameters()).device
     scan = family.scan_implementation(model, method.scan) if method.scan else contextlib.nullcontext()
     reports: List[Any] = []
-    with scan, torch.no_grad():
+    with scan, torch.no_grad(), ieee_float32(device):
         fp_io = family.embed_batched(model, images.to(device), batch_size)
         q_io = fp_io
         blocks = family.blocks(model)

@@ -196,7 +196,8 @@ class MultiMambaMixer(nn.Module):
             orders = [direction_order(name, h, w) for name in self.direction_names]
             if c is not None:
                 orders = [insert_token(o, c, c) for o in orders]
-            self._orders[key] = ([o.to(device) for o in orders], stack_orders(orders).to(device))
+            with torch.inference_mode(False):  # normal tensors even when first asked for under inference mode
+                self._orders[key] = ([o.to(device) for o in orders], stack_orders(orders).to(device))
         return self._orders[key]
 
     def project(self, k: int, xs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

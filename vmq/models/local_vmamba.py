@@ -33,7 +33,7 @@ from vmq.models.common import imagenet_cfg
 from vmq.models.family import register_family
 from vmq.models.reference import cifar_cfg
 from vmq.models.registry import register
-from vmq.models.scan_orders import direction_order, stack_orders
+from vmq.models.scan_orders import direction_order, orders_on
 from vmq.models.vmamba import VMambaFamily
 from vmq.models.vmamba_parts import (SS2D, Classifier, PatchMerging2D, Stage, VSSBlock, VSSMBase, drop_path_rates,
                                      make_patch_embed, official_to_vmq, reset_vssm_parameters)
@@ -132,7 +132,7 @@ class LocalSS2D(SS2D):
         self.attn = BiAttn(d_inner, int(attn_ratio * d_inner), eps)
 
     def orders(self, height: int, width: int, device: torch.device) -> Tensor:
-        return stack_orders([direction_order(d, height, width) for d in self.directions]).to(device)
+        return orders_on(self.directions, height, width, device)
 
     def mix(self, u: Tensor, height: int, width: int) -> Tensor:
         ys = self.selective_scan(u, height, width, "none")  # (b, K, D, L) in token order

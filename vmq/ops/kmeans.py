@@ -138,27 +138,32 @@ def nearest_k(x: Tensor, centroids: Tensor, k: int, w: Optional[Tensor] = None,
 
 def kmeans_pp(x: Tensor, k: int, w: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """k-means++ seeding: each next centroid is a point drawn with probability proportional to its
-    (weighted) squared distance to the nearest centroid chosen so far. Returns (k, d)."""
+    (weighted) squared distance to the nearest centroid chosen so far. Returns (k, d).
+
+    ``generator`` is a CPU generator and every draw happens on the CPU (the distances of points on
+    another device are copied over for it), so a seed picks the same points on every device, up
+    to float differences in the distances."""
     w = _check(x, w)
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the number of points), got {k}")
-    idx = torch.empty(k, dtype=torch.int64)
-    idx[0] = torch.randint(n, (1,), generator=generator)
-    diff = x - x[idx[0]]
+    idx = torch.empty(k, dtype=torch.int64, device="cpu")
+    idx[0] = torch.randint(n, (1,), generator=generator, device="cpu")
+    diff = x - x[int(idx[0])]
     best = (diff * diff if w is None else w * diff * diff).sum(1)
     for i in range(1, k):
-        total = best.sum()
+        prob = best.cpu()  # the draw's input; on a GPU this is the step's one host copy
+        total = prob.sum()
         if total <= 0:  # every point sits on a centroid already: fill with random points not chosen yet
-            free = torch.ones(n, dtype=torch.bool)
+            free = torch.ones(n, dtype=torch.bool, device="cpu")
             free[idx[:i]] = False
             rest = free.nonzero().squeeze(1)
-            idx[i:] = rest[torch.randperm(rest.numel(), generator=generator)[: k - i]]
+            idx[i:] = rest[torch.randperm(rest.numel(), generator=generator, device="cpu")[: k - i]]
             break
-        idx[i] = torch.multinomial(best / total, 1, generator=generator)[0]
-        diff = x - x[idx[i]]
+        idx[i] = torch.multinomial(prob / total, 1, generator=generator)[0]
+        diff = x - x[int(idx[i])]
         torch.minimum(best, (diff * diff if w is None else w * diff * diff).sum(1), out=best)
-    return x[idx].clone()
+    return x[idx.to(x.device)].clone()
 
 
 def update_centroids(x: Tensor, codes: Tensor, centroids: Tensor, w: Optional[Tensor] = None,
@@ -205,7 +210,7 @@ def kmeans(x: Tensor, k: int, iterations: int = 25, w: Optional[Tensor] = None, 
     if not torch.isfinite(x).all():
         raise ValueError("points hold NaN or Inf")
     if init is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(seed)  # on the CPU for every device: same draws
         centroids = kmeans_pp(x, k, w, gen)
     else:
         if init.shape != (k, x.shape[1]):

@@ -89,21 +89,20 @@ def check_multi_scan(u: Sequence[Tensor], delta: Sequence[Tensor], A: Tensor, B:
 
 
 def gather_steps(x: Tensor, index: Optional[Tensor]) -> Tensor:
-    """``x`` (..., S_in) at the positions ``index`` (S,), zero where ``index`` is -1 (padding steps)."""
+    """``x`` (..., S_in) at the positions ``index`` (S,), zero where ``index`` is -1 (padding steps).
+
+    Whether there is padding is never read on the host (that would stall a GPU every call): the
+    padding steps read position 0 and are zeroed."""
     if index is None:
         return x
-    pad = index < 0
-    if bool(pad.any()):
-        x = F.pad(x, (0, 1))
-        index = torch.where(pad, x.shape[-1] - 1, index)
-    return x.index_select(-1, index)
+    return x.index_select(-1, index.clamp(min=0)).masked_fill(index < 0, 0)
 
 
 def _scatter(y: Tensor, index: Tensor, seqlen: int) -> Tensor:
-    """``y`` (..., S) in scan order put back in token order (..., seqlen); padding steps dropped."""
-    keep = index >= 0
-    out = y.new_zeros(*y.shape[:-1], seqlen)
-    return out.index_copy(-1, index[keep], y[..., keep])
+    """``y`` (..., S) in scan order put back in token order (..., seqlen); padding steps dropped
+    (written to one extra position that is cut off, so that no mask is read on the host)."""
+    out = y.new_zeros(*y.shape[:-1], seqlen + 1)
+    return out.index_copy(-1, torch.where(index >= 0, index, seqlen), y)[..., :seqlen]
 
 
 def multi_direction_scan(

@@ -6,6 +6,8 @@ Value ``i`` occupies bits ``[i*b, (i+1)*b)`` of the stream, where bit ``j`` of t
 * :func:`pack_signed`: weights, 2 to 8 bits, two's complement of width ``b`` (8-bit values are
   stored as they are by the caller);
 * :func:`pack_unsigned`: codebook indices, 1 to 16 bits.
+
+Integer arithmetic only: the bytes are the same on every device (packing runs where the values are).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def _pack_stream(u: Tensor, bits: int) -> Tensor:
     """Pack non-negative int64 values ``u`` (< 2^bits) into uint8."""
-    shifts = torch.arange(bits, dtype=torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64, device=u.device)
     stream = ((u[:, None] >> shifts) & 1).reshape(-1)  # one bit per element
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, dtype=torch.int64))
+    weights = (1 << torch.arange(8, dtype=torch.int64, device=u.device))
     return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
 
 
@@ -34,8 +36,8 @@ def _unpack_stream(packed: Tensor, bits: int, numel: int) -> Tensor:
         raise ValueError(f"expected {packed_nbytes(numel, bits)} uint8 bytes for {numel} {bits}-bit values, "
                          f"got {packed.numel()} {packed.dtype}")
     b = packed.reshape(-1).to(torch.int64)
-    stream = ((b[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)[: numel * bits]
-    return (stream.reshape(numel, bits) << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    stream = ((b[:, None] >> torch.arange(8, dtype=torch.int64, device=b.device)) & 1).reshape(-1)[: numel * bits]
+    return (stream.reshape(numel, bits) << torch.arange(bits, dtype=torch.int64, device=b.device)).sum(dim=1)
 
 
 def pack_signed(values: Tensor, bits: int) -> Tensor:

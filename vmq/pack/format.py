@@ -75,7 +75,8 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
     for name, q in quantized.items():
         for key, t in q.packed_tensors().items():
             tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
-        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
+        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64,
+                                                       device="cpu")
         layers[name] = {"kind": q.kind, **q.spec()}
     meta = {
         "format": FORMAT,

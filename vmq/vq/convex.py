@@ -63,15 +63,18 @@ class ConvexVQLinear(nn.Module):
         self.register_buffer("vectors", layout.split(w if scale is None else w / scale[:, None]))
         self.candidates: Optional[Tensor] = None
         self.logits: Optional[nn.Parameter] = None
+        # the indices of the soft (not yet confirmed) sub-vectors, kept in step with ``confirmed``
+        # where it changes, so that a forward never reads ``confirmed`` on the host (a GPU sync)
+        self.soft: Optional[Tensor] = None
         self.a_quant = None if act is None else ActQuantizer(act.num_bits, act.strategy, tokens, device=device)
         self.act = act
 
     # -- the weight ---------------------------------------------------------------------------
     def subvectors(self) -> Tensor:
         sub = rows(self.codebook, self.code)
-        if self.logits is None or bool(self.confirmed.all()):
+        soft = self.soft
+        if self.logits is None or soft is None or soft.numel() == 0:
             return sub
-        soft = (~self.confirmed).nonzero().squeeze(1)
         p = torch.softmax(self.logits.index_select(0, soft), dim=-1)
         mixed = (p.unsqueeze(-1) * rows(self.codebook, self.candidates.index_select(0, soft))).sum(1)
         return sub.index_put((soft,), mixed)
@@ -102,6 +105,7 @@ class ConvexVQLinear(nn.Module):
         scale = dist.mean(dim=1, keepdim=True).clamp(min=1e-12)
         self.logits = nn.Parameter(-dist / scale)
         self.confirmed.zero_()
+        self.soft = torch.arange(n, device=self.confirmed.device)
         self._fit_logits()
 
     @torch.enable_grad()
@@ -129,6 +133,7 @@ class ConvexVQLinear(nn.Module):
             best = self.logits[idx].argmax(dim=-1)
             self.code[idx] = self.candidates[idx, best]
             self.confirmed[idx] = True
+            self.soft = (~self.confirmed).nonzero().squeeze(1)  # once per confirmation stage
 
     def freeze(self) -> VQLinear:
         if not bool(self.confirmed.all()):
