@@ -96,7 +96,9 @@ def test_bidirectional_scan_cuda_matches_twin(shape, token_major):
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
 
 
-def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
+def bidirectional_quantized_inputs():
+    """The bidirectional scan's inputs at (2, 64, 33, 16) twice: with int8 u / delta and their
+    per-token scales (args, scales), and with fp16 u, delta, B, C, z (args)."""
     b, d, l, n = 2, 64, 33, 16
     args = _scan_inputs(b, d, l, n, seed=3)
     g = torch.Generator().manual_seed(1)
@@ -104,10 +106,15 @@ def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
     s = [torch.rand(l, generator=g) * 0.02 + 1e-3 for _ in range(4)]
     qargs = list(args)
     qargs[0], qargs[1], qargs[6], qargs[7] = q
+    half = [t.half() if t is not None and i in (0, 1, 3, 4, 6, 7, 9, 10, 12) else t for i, t in enumerate(args)]
+    return qargs, s, half
+
+
+def test_bidirectional_scan_cuda_int8_and_fp16_inputs():
+    qargs, s, half = bidirectional_quantized_inputs()
     ref = bidirectional_scan_ref(*qargs, *s, True, True)
     out = bidirectional_scan(*cuda(qargs), True, True, *cuda(s), backend="cuda")
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-4, atol=2e-4)
-    half = [t.half() if t is not None and i in (0, 1, 3, 4, 6, 7, 9, 10, 12) else t for i, t in enumerate(args)]
     ref = bidirectional_scan_ref(*[t.float() if t is not None else t for t in half], *[None] * 4, True, True)
     out = bidirectional_scan(*cuda(half), True, True, backend="cuda")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.test_kernels import _linear_inputs, _multi_scan_inputs, _scan_inputs, _vq_inputs
-from tests.test_kernels_gpu import VQ_CASES, _bf16, _vq_check
+from tests.test_kernels_gpu import VQ_CASES, _bf16, _vq_check, bidirectional_quantized_inputs
 from tests.test_scan_train_cuda import EMPTY as TRAIN_EMPTY
 from tests.test_scan_train_cuda import NAMES as TRAIN_NAMES
 from tests.test_scan_train_cuda import SHAPES as TRAIN_SHAPES
@@ -98,16 +98,9 @@ def test_bidirectional_scan_matches_twin(shape, token_major):
 
 
 def test_bidirectional_scan_int8_and_fp16_inputs():
-    b, d, l, n = 2, 64, 33, 16
-    args = _scan_inputs(b, d, l, n, seed=3)
-    g = torch.Generator().manual_seed(1)
-    q = [torch.randint(-127, 128, (b, d, l), dtype=torch.int8, generator=g) for _ in range(4)]
-    s = [torch.rand(l, generator=g) * 0.02 + 1e-3 for _ in range(4)]
-    qargs = list(args)
-    qargs[0], qargs[1], qargs[6], qargs[7] = q
+    qargs, s, half = bidirectional_quantized_inputs()
     out = S.bidirectional_scan(*cu(qargs), *cu(s), True, True)
     torch.testing.assert_close(out.cpu(), bidirectional_scan_ref(*qargs, *s, True, True), rtol=2e-4, atol=2e-4)
-    half = [t.half() if t is not None and i in (0, 1, 3, 4, 6, 7, 9, 10, 12) else t for i, t in enumerate(args)]
     ref = bidirectional_scan_ref(*[t.float() if t is not None else t for t in half], *[None] * 4, True, True)
     torch.testing.assert_close(S.bidirectional_scan(*cu(half), None, None, None, None, True, True).cpu(), ref,
                                rtol=1e-3, atol=1e-3)

@@ -51,6 +51,11 @@ def direction_order(name: str, height: int, width: int) -> Tensor:
     return order.flip(0) if m.group(3) else order
 
 
+#: Vim's directions over its 1-D token sequence (forward, backward) and VMamba's cross scan
+VIM_DIRECTIONS = ("h", "h_flip")
+CROSS_DIRECTIONS = ("h", "v", "h_flip", "v_flip")
+
+
 def sequence_orders(length: int, bidirectional: bool = True) -> Tensor:
     """Vim: forward (and backward) over a 1-D sequence, (K, length)."""
     fwd = torch.arange(length, device="cpu")
@@ -59,7 +64,7 @@ def sequence_orders(length: int, bidirectional: bool = True) -> Tensor:
 
 def cross_orders(height: int, width: int) -> Tensor:
     """VMamba's cross scan: row-major, column-major and their reverses, (4, H * W)."""
-    return stack_orders([direction_order(d, height, width) for d in ("h", "v", "h_flip", "v_flip")])
+    return stack_orders([direction_order(d, height, width) for d in CROSS_DIRECTIONS])
 
 
 def stack_orders(orders: Sequence[Tensor], length: Optional[int] = None) -> Tensor:
@@ -81,7 +86,7 @@ def orders_on(names: Sequence[str], height: int, width: int, device: Union[str, 
     """The orders of directions ``names`` on an H x W grid stacked as (K, S) (:func:`stack_orders`),
     on ``device``; one shared tensor per arguments, which callers must not modify.
 
-    Vim's ``sequence_orders(L)`` is ``orders_on(("h", "h_flip"), 1, L, device)``."""
+    Vim's ``sequence_orders(L)`` is ``orders_on(VIM_DIRECTIONS, 1, L, device)``."""
     return _orders_on(tuple(names), int(height), int(width), torch.device(device))
 
 
@@ -95,4 +100,5 @@ def insert_token(order: Tensor, position: int, token: int) -> Tensor:
     return torch.cat([shifted[:position], torch.tensor([token], device=order.device), shifted[position:]])
 
 
-__all__ = ["direction_order", "sequence_orders", "cross_orders", "stack_orders", "orders_on", "insert_token"]
+__all__ = ["VIM_DIRECTIONS", "CROSS_DIRECTIONS", "direction_order", "sequence_orders", "cross_orders", "stack_orders",
+           "orders_on", "insert_token"]

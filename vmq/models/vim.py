@@ -35,7 +35,7 @@ from vmq.models.common import DropPath, PatchEmbed, RMSNorm, imagenet_cfg
 from vmq.models.family import BenchGroups, BlockIO, Fold, ModelFamily, register_family, scan_set
 from vmq.models.reference import REFERENCE_MODEL, REFERENCE_WEIGHTS, cifar_cfg
 from vmq.models.registry import register
-from vmq.models.scan_orders import orders_on
+from vmq.models.scan_orders import VIM_DIRECTIONS, orders_on
 from vmq.ops.conv import bidirectional_conv1d_silu
 from vmq.ops.multi_scan import multi_direction_scan, multi_scan
 from vmq.ops.scan import one_direction_scan
@@ -185,7 +185,7 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
         directions = self.directions()
-        orders = orders_on(("h", "h_flip") if self.bidirectional else ("h",), 1, x.shape[-1], x.device)
+        orders = orders_on(VIM_DIRECTIONS if self.bidirectional else VIM_DIRECTIONS[:1], 1, x.shape[-1], x.device)
         A = torch.stack([-torch.exp(A_log.float()) for *_, A_log, _ in directions])
         D = torch.stack([D.float() for *_, D in directions])
         merge = "mean" if self.bidirectional and self.if_divide_out else "sum"

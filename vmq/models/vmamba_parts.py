@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmq.models.common import DropPath
-from vmq.models.scan_orders import orders_on
+from vmq.models.scan_orders import CROSS_DIRECTIONS, orders_on
 from vmq.ops.multi_scan import multi_direction_scan, multi_scan
 from vmq.ops.scan import one_direction_scan
 
@@ -181,7 +181,7 @@ class SS2D(nn.Module):
 
     def orders(self, height: int, width: int, device: torch.device) -> Tensor:
         """(K, steps) scan orders over the H x W grid: VMamba's cross scan (h, v, h_flip, v_flip)."""
-        return orders_on(("h", "v", "h_flip", "v_flip"), height, width, device)
+        return orders_on(CROSS_DIRECTIONS, height, width, device)
 
     def selective_scan(self, u: Tensor, height: int, width: int, merge: str) -> Tensor:
         """The K directions' outputs (``D * u`` included) in token order: (b, D, L) summed, or (b, K, D, L)."""

@@ -99,8 +99,6 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_q: Tensor,
                 out_zero_point: Optional[Tensor] = None, out_bits: int = 8, w_sum: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """:func:`int8_linear_ref` on the compiled kernel when ``backend`` picks one (see :mod:`vmq.ops.backend`)."""
-    if (out_scale is None) != (out_zero_point is None):
-        raise ValueError("out_scale and out_zero_point go together")
     takes = x_q.dtype == torch.uint8 and w_q.dtype == torch.int8 and x_q.dim() >= 2
     if not use_native("int8_linear", x_q, backend, takes=takes, why="takes uint8 activations and int8 weights"):
         return int8_linear_ref(x_q, x_scale, x_zero_point, w_q, w_scale, bias, out_scale, out_zero_point, out_bits,
@@ -171,8 +169,6 @@ def w4a8_linear(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_packed: Te
                 out_zero_point: Optional[Tensor] = None, out_bits: int = 8, w_sum: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """:func:`w4a8_linear_ref` on the compiled kernel (``vmq::w4a8_linear``, bit-identical) or the twin."""
-    if (out_scale is None) != (out_zero_point is None):
-        raise ValueError("out_scale and out_zero_point go together")
     takes = (x_q.dtype == torch.uint8 and w_packed.dtype == torch.uint8 and x_q.dim() >= 2
              and x_q.shape[-1] == 2 * w_packed.shape[-1])
     if not use_native("w4a8_linear", x_q, backend, takes=takes,
