@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-EXT    := $(VENV)/.extension
+EXT    := build/.extension
 CSRC   := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 DATA   ?= ../shared/data/cifar10
 
@@ -22,10 +22,11 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 # vmq._C from csrc/ (CPU kernels; CUDA kernels too where torch is a CUDA build and nvcc is found),
-# rebuilt incrementally when a source changes.
+# rebuilt incrementally when a source changes. Its stamp lies in build/, beside the objects, so that
+# whatever removes the build (git clean, make clean) also makes the next make rebuild vmq._C.
 $(EXT): $(STAMP) $(CSRC)
 	$(PY) setup.py --quiet build_ext --inplace
-	touch $(EXT)
+	mkdir -p build && touch $(EXT)
 
 extension: $(EXT)
 
