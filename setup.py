@@ -160,8 +160,8 @@ setup(
         # CuPy for torch's CUDA 13: NVRTC builds of the CUDA kernels where vmq._C has none (vmq.ops.nvrtc)
         "cupy": ["cupy-cuda13x"],
         "gpu": ["mamba-ssm", "cupy-cuda13x"],
-        # cupy: the NVRTC compile test of csrc/cuda (no GPU needed)
-        "test": ["pytest", "ninja", "cupy-cuda13x"],
+        # cupy: the NVRTC compile test of csrc/cuda (no GPU needed); hypothesis: the fuzz tests
+        "test": ["pytest", "ninja", "cupy-cuda13x", "hypothesis"],
         "train": ["ninja"],
     },
     entry_points={"console_scripts": ["vmq=vmq_cli.main:main"]},
