@@ -6,6 +6,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
+from vmq_cli._options import threads_option
+
 
 def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Callable:
     """The options ``vmq quantize`` and ``vmq vq`` share (recipe, overrides, output, stats, device, eval, JSON)."""
@@ -21,6 +23,7 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
         click.option("--device", default=None, metavar="cpu|cuda[:N]",
                      help="Where calibration and compression run (default: the recipe's `device`, cpu)."),
         click.option("--no-eval", is_flag=True, help="Skip the floating-point and quantized evaluation."),
+        threads_option,
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]
 

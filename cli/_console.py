@@ -31,16 +31,18 @@ def emit_table(title: str, rows: Sequence[Sequence[str]], headers: Sequence[str]
 
 
 @contextmanager
-def progress(description: str, total: Optional[int], every_s: float = 10.0) -> Iterator:
+def progress(description: str, total: Optional[int], every_s: float = 10.0, unit: Optional[str] = None) -> Iterator:
     """Progress on stderr; yields ``update(done, total)``.
 
-    On a terminal: a transient rich progress bar. Otherwise (logs, CI, pipes): a plain line
-    ``description: done/total (elapsed s)`` at most every ``every_s`` seconds, so short runs
-    print nothing and long ones show that they advance.
+    On a terminal: a transient rich progress bar (with ``unit``: the rate in ``unit``/s and the
+    time left). Otherwise (logs, CI, pipes): a plain line ``description: done/total (elapsed s)``
+    (with ``unit``: ``..., rate unit/s, about N s left``) at most every ``every_s`` seconds, so short
+    runs print nothing and long ones show that they advance.
     """
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     if not err.is_terminal:
         start = last = time.monotonic()
@@ -50,18 +52,31 @@ def progress(description: str, total: Optional[int], every_s: float = 10.0) -> I
             now = time.monotonic()
             if now - last >= every_s:
                 last = now
-                of = f"/{total_ or total}" if (total_ or total) else ""
-                sys.stderr.write(f"{description}: {done}{of} ({now - start:.0f} s)\n")
+                of = total_ or total
+                line = f"{description}: {done}{f'/{of}' if of else ''}"
+                if unit:
+                    rate = done / max(now - start, 1e-9)
+                    line += f" {unit} ({now - start:.0f} s, {rate:.1f} {unit}/s"
+                    line += f", about {(of - done) / rate:.0f} s left)" if of and rate > 0 else ")"
+                else:
+                    line += f" ({now - start:.0f} s)"
+                sys.stderr.write(line + "\n")
                 sys.stderr.flush()
 
         yield log
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if unit:
+        columns += [TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    else:
+        columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        start = time.monotonic()
 
         def update(done: int, total_: Optional[int] = None) -> None:
-            bar.update(task, completed=done, total=total_ or total)
+            rate = done / max(time.monotonic() - start, 1e-9)
+            bar.update(task, completed=done, total=total_ or total, rate=f"{rate:.1f} {unit}/s" if unit else "")
 
         yield update
 

@@ -32,3 +32,20 @@ def check_device(device: str) -> None:
     from vmq.env import check_device as check
 
     check(device)
+
+
+def _apply_threads(ctx: click.Context, param: click.Parameter, value):
+    from vmq.runtime import set_threads
+
+    if not ctx.resilient_parsing:  # (not while completing the shell's command line)
+        set_threads(value)
+    return value
+
+
+def threads_option(f):
+    """``--threads N``: torch's CPU threads, set as soon as the option is parsed (before the command runs)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=_apply_threads, metavar="N",
+                        help="CPU threads for the computation; default: OMP_NUM_THREADS when set, else the CPUs "
+                             "this process may use (affinity mask and cgroup quota), shared among torchrun's "
+                             "processes on the machine.")(f)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device
+from vmq_cli._options import backend_option, check_device, threads_option
 
 
 @click.command("bench")
@@ -19,10 +19,10 @@ from vmq_cli._options import backend_option, check_device
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed forwards per model and batch size (medians are reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: torch's).")
+@threads_option
 @click.option("--layers", is_flag=True, help="Add a per-layer breakdown (a second pass with timing hooks).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def command(path, model_name, batch, device, backend, repeats, warmup, threads, layers, as_json):
+def command(path, model_name, batch, device, backend, repeats, warmup, layers, as_json):
     """Time a quantized model against its floating-point baseline, in one interleaved run.
 
     PATH is a packed file from `vmq quantize` / `vmq vq` (the baseline is the same model with
@@ -44,8 +44,6 @@ def command(path, model_name, batch, device, backend, repeats, warmup, threads, 
     from vmq.pack.format import is_packed, load_packed
     from vmq.runtime import retain_freed_memory
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     retained = retain_freed_memory()  # for both models: activations reused, not faulted in again
     packed_meta = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import check_device, device_option, model_options
+from vmq_cli._options import check_device, device_option, model_options, threads_option
 
 
 @click.command("calibrate")
@@ -16,6 +16,7 @@ from vmq_cli._options import check_device, device_option, model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Stats file to write (.safetensors).")
 @device_option
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model_name, checkpoint, data, num_images, batch_size, out, device, as_json):
     """Record per-layer input statistics of a model for `vmq quantize --stats`.

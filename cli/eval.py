@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device, device_option, model_options
+from vmq_cli._options import backend_option, check_device, device_option, model_options, threads_option
 
 
 @click.command("eval")
@@ -15,11 +15,16 @@ from vmq_cli._options import backend_option, check_device, device_option, model_
                    "CIFAR-10 test subset.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader workers.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes that read and decode the images; default: one per two CPUs available (at most 8) "
+                   "for a folder, 0 for the shipped set; 0 reads them in the main process.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip images that cannot be read (counted in the results) instead of stopping at the first.")
 @device_option
 @backend_option
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
-def command(path, model_name, checkpoint, data, batch_size, limit, workers, device, backend, as_json):
+def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip_bad, device, backend, as_json):
     """Evaluate a model or a packed file from `vmq quantize` / `vmq vq`.
 
     PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
@@ -28,6 +33,8 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     from vmq_cli import _console as console
 
     check_device(device)
+    import torch
+
     from vmq.compress.api import load_model
     from vmq.data import eval_loader
     from vmq.errors import UsageError
@@ -48,9 +55,13 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     else:
         model = load_model(model_name, checkpoint)
     model.to(device)
-    loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers)
-    with console.progress("evaluating", len(loader.dataset)) as update, use_backend(backend):
-        metrics = evaluate(model, loader, on_batch=update)
+    loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers,
+                                      pin_memory=device.startswith("cuda"))
+    with console.progress("evaluating", len(loader.dataset), unit="images") as update, use_backend(backend):
+        metrics = evaluate(model, loader, on_batch=update, skip_bad=skip_bad)
+    if metrics["skipped_images"]:
+        console.warn(f"skipped {metrics['skipped_images']} image(s) that could not be read; the first: "
+                     f"{metrics['skipped_errors'][0]}")
     result = {
         "model": model.vmq_name,
         **{k: metrics[k] for k in ("top1", "top1_err", "top5", "top5_err")},
@@ -59,7 +70,10 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
         "crop_pct": data_cfg["crop_pct"],
         "interpolation": data_cfg["interpolation"],
         "num_images": metrics["num_images"],
+        "skipped_images": metrics["skipped_images"],
         "images_per_sec": metrics["images_per_sec"],
+        "threads": torch.get_num_threads(),
+        "workers": loader.num_workers,
         "device": device,
         "backend": backend,
         "checkpoint": checkpoint or "(shipped reference weights)",
@@ -75,7 +89,10 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, devi
     else:
         console.emit_table(f"vmq eval: {result['model']}", [
             ["top-1", f"{result['top1']:.2f} %"], ["top-5", f"{result['top5']:.2f} %"],
-            ["images", result["num_images"]], ["images/s", f"{result['images_per_sec']:.1f} ({device}, backend {backend})"],
+            ["images", result["num_images"]],
+            *([["skipped (unreadable)", result["skipped_images"]]] if skip_bad else []),
+            ["images/s", f"{result['images_per_sec']:.1f} ({device}, backend {backend}, {result['threads']} threads, "
+                         f"{result['workers']} data workers)"],
             ["parameters", f"{param_count(model):,}"], ["data", result["data"]],
             ["checkpoint", result["checkpoint"]],
         ] + ([["packed", _packed_line(result["packed"])]] if packed_meta is not None else []))

@@ -2,6 +2,8 @@
 
 ``vmq --help`` therefore imports neither torch nor any extension. Errors become one line on
 stderr and an exit code (1 error, 2 usage); ``VMQ_DEBUG=1`` shows the traceback instead.
+It also sets OpenMP's wait policy for the commands (:func:`vmq.cpus.openmp_wait_env`) while
+torch is not yet imported.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv=None) -> None:
+    from vmq.cpus import openmp_wait_env
     from vmq.errors import VmqError
 
+    # before any command imports torch: its OpenMP runtime reads these once, when it loads
+    os.environ.update(openmp_wait_env())
     debug = os.environ.get("VMQ_DEBUG") == "1"
     try:
         rv = vmq.main(args=argv, prog_name="vmq", standalone_mode=False)

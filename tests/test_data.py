@@ -34,10 +34,10 @@ def test_folder_matches_shipped_arrays(tmp_path):
     loader, cfg, classes = eval_loader(model, tmp_path, batch_size=8)
     assert cfg["input_size"] == (3, 32, 32)
     assert classes == sorted(classes) and set(classes) <= set(ds.class_names)
-    images, labels = next(iter(loader))
-    assert images.shape == (8, 3, 32, 32)
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.indices.tolist() == list(range(8)) and not batch.errors
     # every folder image equals the shipped image it was written from, label included
-    folder = loader.dataset
+    folder = loader.dataset.base
     shipped = shipped_eval_set(folder.transform)
     for k in range(len(folder)):
         x, y = folder[k]
@@ -76,7 +76,7 @@ def test_limit_spreads_over_classes():
 def test_transform_is_deterministic_and_normalised():
     model = timm.create_model("test_vim")
     loader, cfg, _ = eval_loader(model, None, batch_size=4, limit=4)
-    x, _ = next(iter(loader))
+    x = next(iter(loader)).images
     raw = torch.from_numpy(shipped_eval_set().images[loader.dataset.indices]).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     torch.testing.assert_close(x, (raw - mean) / std, atol=1e-5, rtol=0)

@@ -14,6 +14,10 @@ default, and fp32 matmuls too where a program asked for it: results then differ 
 by about 1e-3 relative. :func:`ieee_float32` turns both off inside a block and restores what was
 set before: calibration, compression and evaluation run in it, so that a run on a GPU agrees
 with one on the CPU to fp32 rounding, whatever the process had set.
+
+:func:`set_threads` sizes torch's CPU thread pools at a command's start (``--threads``; by
+default from the CPUs the process may actually use, :func:`vmq.cpus.default_threads`), so that
+vmq neither runs more threads than it has CPUs nor fewer than it could use.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
+
+from vmq.cpus import default_threads
+from vmq.errors import UsageError
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h>
 _TRIM_THRESHOLD = 1 << 30
@@ -50,6 +57,23 @@ def retain_freed_memory() -> bool:
     if mallopt(_M_MMAP_MAX, 0) != 1:
         return False
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mallopt(_M_TOP_PAD, _TOP_PAD) == 1
+
+
+def set_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op threads to ``threads`` (default :func:`vmq.cpus.default_threads`); returns them.
+
+    The inter-op pool (which vmq does not use) gets as many, when torch still allows it to be
+    sized (only before its first inter-op work); otherwise it is left as it is."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    n = threads if threads is not None else default_threads()
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # already started: its size is fixed for the process
+            pass
+    return n
 
 
 def _old_switches() -> tuple:

@@ -2,27 +2,37 @@
 
 Transforms come from the model's pretrained cfg (``resolve_data_config`` + ``create_transform``),
 as the official evaluation did.
+
+:func:`eval_loader` streams an evaluation set: worker processes read, decode and transform the
+images (``workers``; by default :func:`vmq.cpus.default_workers` for a folder), at most two
+batches per worker in flight, in the set's order. Each batch is an :class:`EvalBatch`: the
+images that decoded, their labels and positions in the set, and one error line (naming the
+file) per image that did not, which :func:`vmq.evaluate.evaluate` stops on or skips and counts.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import os
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from vmq.cpus import default_workers
 from vmq.errors import VmqError
 from vmq.models.registry import reference_models
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
 SHIPPED_CALIB = "cifar10_train_calib.npz"
 
-__all__ = ["ArrayImageDataset", "FolderDataset", "shipped_eval_set", "folder_dataset", "model_label_names",
-           "eval_transform", "eval_loader", "shipped_calibration_set", "calibration_images"]
+__all__ = ["ArrayImageDataset", "FolderDataset", "EvalSet", "EvalSample", "EvalBatch", "collate_eval",
+           "shipped_eval_set", "folder_dataset", "model_label_names", "eval_transform", "eval_loader",
+           "shipped_calibration_set", "calibration_images"]
 
 
 class ArrayImageDataset(Dataset):
@@ -84,6 +94,7 @@ def _check_folder(root: Path, splits: Sequence[str] = EVAL_SPLITS) -> Tuple[Path
         raise VmqError(f"data folder not found: {root}")
     if not root.is_dir():
         raise VmqError(f"data path is not a folder: {root}")
+    _check_readable(root)
     for split in splits:
         if (root / split).is_dir():
             root = root / split
@@ -94,9 +105,13 @@ def _check_folder(root: Path, splits: Sequence[str] = EVAL_SPLITS) -> Tuple[Path
             want = "training" if splits == TRAIN_SPLITS else "evaluation"
             raise VmqError(f"{root} has a {others[0]}/ split but no {want} split ({'/, '.join(splits)}/); "
                            f"point at the {want} images")
+    _check_readable(root)
     exts = _image_extensions()
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
+    entries = _entries(root)
+    classes = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in exts]
+    for c in classes:
+        _check_readable(c)
     if not classes:
         if loose:
             raise VmqError(f"{root} holds images but no class subfolders: expected ImageNet layout "
@@ -105,6 +120,19 @@ def _check_folder(root: Path, splits: Sequence[str] = EVAL_SPLITS) -> Tuple[Path
     if not any(f.suffix.lower() in exts for c in classes for f in c.rglob("*") if f.is_file()):
         raise VmqError(f"no images found under {root} (looked for {', '.join(exts)})")
     return root, [c.name for c in classes]
+
+
+def _check_readable(folder: Path) -> None:
+    """A folder that cannot be listed or entered is an error naming it (os.walk would skip it silently)."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise VmqError(f"cannot read data folder {folder}: permission denied")
+
+
+def _entries(folder: Path) -> List[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:
+        raise VmqError(f"cannot read data folder {folder}: {exc.strerror or exc}") from None
 
 
 class FolderDataset(Dataset):
@@ -143,14 +171,26 @@ class FolderDataset(Dataset):
         return self.reader.filename(index, basename=basename)
 
     def __getitem__(self, index: int):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        path, target = self.reader[index]
+        path, target = self.reader.samples[index]
         try:
-            img = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise VmqError(f"cannot read image {self.reader.filename(index)}: {exc}") from None
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except UnidentifiedImageError:
+            why = "empty file (0 bytes)" if _size(path) == 0 else "not an image PIL can decode"
+            raise VmqError(f"cannot read image {path}: {why}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise VmqError(f"cannot read image {path}: {why}") from None
         return (self.transform(img) if self.transform else img), int(target)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def folder_dataset(root: Union[str, Path], transform: Optional[Callable] = None,
@@ -175,21 +215,91 @@ def eval_transform(model: torch.nn.Module) -> Tuple[Callable, dict]:
     return create_transform(**cfg, is_training=False), cfg
 
 
+class EvalSample(NamedTuple):
+    """One item of an :class:`EvalSet`: the image and its label, or the error that replaced them."""
+
+    image: Optional[Tensor]
+    label: int
+    index: int  # position in the evaluation set
+    error: Optional[str]  # one line naming the file, when it could not be read
+
+
+class EvalBatch(NamedTuple):
+    """A batch of :func:`eval_loader`: the images that were read, and an error line for each that was not."""
+
+    images: Optional[Tensor]  # (n, C, H, W); None when no image of the batch was read
+    labels: Tensor  # (n,)
+    indices: Tensor  # (n,) positions in the evaluation set
+    errors: List[str]
+
+
+def collate_eval(samples: Sequence[EvalSample]) -> EvalBatch:
+    """The :class:`EvalBatch` of some samples (runs in the loader's workers)."""
+    good = [s for s in samples if s.error is None]
+    images = torch.stack([s.image for s in good]) if good else None
+    return EvalBatch(images, torch.tensor([s.label for s in good], dtype=torch.int64),
+                     torch.tensor([s.index for s in good], dtype=torch.int64), [s.error for s in samples if s.error])
+
+
+class EvalSet(Dataset):
+    """The images an evaluation runs over: ``base`` at ``indices`` (all of it by default), in order.
+
+    Items are :class:`EvalSample`; an image the base cannot read (a :class:`VmqError` naming the
+    file) becomes a sample holding that error, so that a loader's worker hands it over rather
+    than failing, and the evaluation decides (stop, or skip and count)."""
+
+    def __init__(self, base: Dataset, indices: Optional[Sequence[int]] = None):
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.class_names = list(getattr(base, "class_names", []))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> EvalSample:
+        try:
+            image, label = self.base[self.indices[i]]
+        except VmqError as exc:
+            return EvalSample(None, -1, i, str(exc))
+        return EvalSample(image, int(label), i, None)
+
+    def filename(self, i: int) -> str:
+        """The file of item ``i`` (relative to the folder), or ``#<index>`` for in-memory images."""
+        if isinstance(self.base, FolderDataset):
+            return self.base.filename(self.indices[i])
+        return f"#{self.indices[i]}"
+
+
 def eval_loader(model: torch.nn.Module, data: Union[str, Path, None] = None, batch_size: int = 64,
-                limit: Optional[int] = None, workers: int = 0) -> Tuple[DataLoader, dict, List[str]]:
-    """A loader over ``data`` (a folder; the shipped set when None) with ``model``'s transform."""
+                limit: Optional[int] = None, workers: Optional[int] = None,
+                pin_memory: bool = False) -> Tuple[DataLoader, dict, List[str]]:
+    """A loader of :class:`EvalBatch` over ``data`` (a folder; the shipped set when None) with
+    ``model``'s transform, in the set's order.
+
+    ``workers`` processes read and decode the images (default: :func:`vmq.cpus.default_workers`
+    for a folder, none for the in-memory shipped set); they stay up while the loader lives
+    (a second pass reuses them) and keep two batches each ready. ``pin_memory`` for a GPU."""
     transform, cfg = eval_transform(model)
     ds = shipped_eval_set(transform) if data is None else folder_dataset(data, transform, model_label_names(model))
     num_classes = getattr(model, "num_classes", None)
     if num_classes and len(ds.class_names) > num_classes:
         raise VmqError(f"the data has {len(ds.class_names)} classes but the model predicts {num_classes}")
     class_names = ds.class_names
+    indices = None
     if limit is not None:
         if limit < 1:
             raise VmqError(f"--limit must be at least 1, got {limit}")
         # evenly spaced over the (class-sorted) set, so that a limit still covers every class
-        ds = torch.utils.data.Subset(ds, _evenly_spaced(len(ds), limit))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+        indices = _evenly_spaced(len(ds), limit)
+    if workers is None:
+        workers = 0 if data is None else default_workers()
+    if workers < 0:
+        raise VmqError(f"--workers must be at least 0, got {workers}")
+    evalset = EvalSet(ds, indices)
+    workers = min(workers, max(1, -(-len(evalset) // batch_size)))  # no more workers than batches
+    loader = DataLoader(evalset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_eval,
+                        pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers > 0 else None)
     return loader, cfg, class_names
 
 
