@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -69,6 +70,8 @@ def main(argv=None) -> None:
     # before any command imports torch: its OpenMP runtime reads these once, when it loads
     os.environ.update(openmp_wait_env())
     debug = os.environ.get("VMQ_DEBUG") == "1"
+    if hasattr(signal, "SIGXFSZ"):  # over `ulimit -f`, a write fails (EFBIG: one clear error), not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         rv = vmq.main(args=argv, prog_name="vmq", standalone_mode=False)
     except click.exceptions.Abort:

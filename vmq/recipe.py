@@ -19,16 +19,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vmq.errors import UsageError, VmqError
 
 __all__ = ["StrictModel", "ModelSpec", "CalibrationSpec", "EvalSpec", "Recipe", "StageSpec", "ActivationScheme",
-           "check_layer_patterns", "load_recipe", "parse_recipe", "apply_overrides", "dump_recipe"]
+           "check_layer_patterns", "load_recipe", "parse_recipe", "apply_overrides", "dump_recipe", "read_recipe_yaml",
+           "MAX_RECIPE_BYTES", "MAX_RECIPE_DEPTH"]
 
 R = TypeVar("R", bound=BaseModel)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+#: a recipe file is a few kilobytes; anything past this is refused before it is parsed
+MAX_RECIPE_BYTES = 1 << 20
+#: nesting of YAML blocks and lists (a recipe needs 4)
+MAX_RECIPE_DEPTH = 32
+#: what may go wrong building Python values from YAML text besides yaml.YAMLError: a timestamp
+#: that is no date, an integer past Python's digit limit, ...
+_YAML_VALUE_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError, MemoryError)
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe block: unknown keys are errors, values are checked on assignment."""
+    """Base of every recipe block: unknown keys are errors, values are checked on assignment, and
+    numbers are finite (``.inf`` / ``.nan`` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(StrictModel):
@@ -53,7 +62,7 @@ class Recipe(StrictModel):
     """The blocks every recipe has. Compression schemes extend it with their own stages."""
 
     version: int = Field(1, ge=1, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=1 << 63)
     device: str = Field("cpu", description="where calibration and compression run: cpu, cuda or cuda:N "
                                           "(--device overrides it)")
     model: ModelSpec = ModelSpec()
@@ -77,8 +86,9 @@ def check_layer_patterns(v: Optional[List[str]]) -> Optional[List[str]]:
         if item.startswith("re:"):
             try:
                 re.compile(item[3:])
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
+            except (re.error, OverflowError, RecursionError) as exc:  # a{10**20}; 10,000 nested groups
+                raise ValueError(f"bad regular expression {_clip(item)}: {_clip(str(exc) or type(exc).__name__)}") \
+                    from None
     return v
 
 
@@ -104,10 +114,10 @@ def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise UsageError(f"--set expects KEY=VALUE with a dotted key (a.b=value), got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE with a dotted key (a.b=value), got {_clip(repr(item))}")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
+            parsed = _load_yaml(value) if value.strip() else ""
+        except _YAML_VALUE_ERRORS:  # not YAML (or an alias, or too deep): the text itself
             parsed = value
         node = raw
         parts = key.split(".")
@@ -117,8 +127,8 @@ def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 whole = ".".join(parts[:depth])
-                raise VmqError(f"--set {key}: {part!r} is a value ({child!r}), not a block; set {whole} as a whole, "
-                               f"or write it as a block in the recipe")
+                raise VmqError(f"--set {_clip(key)}: {_clip(part)} is a value ({_clip(repr(child))}), not a block; "
+                               f"set {_clip(whole)} as a whole, or write it as a block in the recipe")
             node = child
         node[parts[-1]] = parsed
     return raw
@@ -155,14 +165,14 @@ def _valid_keys(schema: Type[BaseModel], loc: tuple) -> List[str]:
 def _format_error(schema: Type[BaseModel], exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = _clip(".".join(str(p) for p in loc) or "(top level)")
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(schema, loc)
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
         hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid here: {', '.join(valid)})" if valid else "")
         return f"{source}: unknown recipe key '{key}'{hint}{more}"
-    return f"{source}: recipe key '{key}': {err['msg']}{more}"
+    return f"{source}: recipe key '{key}': {_clip(err['msg'], 240)}{more}"
 
 
 def parse_recipe(raw: Any, schema: Type[R] = Recipe, overrides: Iterable[str] = (), source: str = "recipe") -> R:
@@ -182,20 +192,80 @@ def load_recipe(path: Union[str, Path, None], schema: Type[R] = Recipe, override
     """Read a YAML recipe (or only defaults when ``path`` is None) and apply ``--set`` overrides."""
     if path is None:
         return parse_recipe({}, schema, overrides, source="recipe")
+    return parse_recipe(read_recipe_yaml(path), schema, overrides, source=str(path))
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``: a few lines of them can stand for a
+    document of billions of nodes) and with bounded nesting (composing is recursive)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{_clip(str(event.anchor), 40)}: anchors and "
+                                              "aliases are not allowed in recipes (write the value out)",
+                                              event.start_mark)
+        if self.depth >= MAX_RECIPE_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_RECIPE_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_recipe_yaml(path: Union[str, Path]) -> Any:
+    """The YAML document of a recipe file, as Python values (not validated); a missing, oversized,
+    non-UTF-8 or malformed file raises a :class:`~vmq.errors.VmqError` naming the problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VmqError(f"recipe not found: {path}")
+    if not path.is_file():
+        raise VmqError(f"recipe {path} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VmqError(f"cannot read recipe {path}: {type(exc).__name__}") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise VmqError(f"cannot read recipe {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise VmqError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VmqError(f"recipe {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") \
+            from None
+    try:
+        return _load_yaml(text)
+    except yaml.reader.ReaderError as exc:
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise VmqError(f"{path}: not valid YAML: character {what} at offset {exc.position} is not allowed") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise VmqError(f"{path}: not valid YAML{where}") from None
-    return parse_recipe(raw, schema, overrides, source=str(path))
+        problem = getattr(exc, "problem", None)
+        raise VmqError(f"{path}: not valid YAML{where}" + (f": {_clip(problem)}" if problem else "")) from None
+    except _YAML_VALUE_ERRORS as exc:  # a value YAML reads but Python cannot hold (2020-13-45, a 5000-digit number)
+        what = "a number too long to read" if "integer string conversion" in str(exc) else str(exc)
+        raise VmqError(f"{path}: not a valid recipe: {_clip(what or type(exc).__name__)}") from None
+
+
+def _clip(text: str, n: int = 120) -> str:
+    """``text`` on one line and at most about ``n`` characters, for error messages."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
 def dump_recipe(recipe: BaseModel) -> str:

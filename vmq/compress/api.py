@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from vmq.calib import CalibStats, collect_stats
@@ -35,7 +34,7 @@ from vmq.metrics import agreement
 from vmq.models import canonical_name, config_for, create_model, family_of, reference_models
 from vmq.pack.format import is_packed, save_packed
 from vmq.quant.recipe import QuantRecipe
-from vmq.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+from vmq.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, read_recipe_yaml
 from vmq.vq.recipe import VQRecipe
 
 #: ``progress(description, total)``: a context manager yielding ``update(done, total)``
@@ -57,15 +56,14 @@ def read_recipe(recipe: Union[Recipe, dict, str, Path, None], overrides: Sequenc
     if isinstance(recipe, dict):
         kind = kind or ("vq" if "vq" in recipe else "quantization")
         return parse_recipe(dict(recipe), schema[kind], overrides)
+    if recipe is not None and not isinstance(recipe, (str, Path)):
+        raise VmqError(f"a recipe is a parsed recipe, a mapping or a YAML path, not {type(recipe).__name__}")
     return load_recipe(recipe, schema[kind or _kind_of_file(recipe)], overrides)
 
 
 def _kind_of_file(path: Union[str, Path, None]) -> str:
-    """``vq`` for a YAML recipe with a ``vq:`` block, else ``quantization`` (load_recipe reports bad files)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return "quantization"
+    """``vq`` for a YAML recipe with a ``vq:`` block, else ``quantization`` (a bad file raises its VmqError)."""
+    raw = read_recipe_yaml(path) if path is not None else None
     return "vq" if isinstance(raw, dict) and "vq" in raw else "quantization"
 
 

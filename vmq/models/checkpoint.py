@@ -1,15 +1,13 @@
 """Reading checkpoints: official ``.pth`` files, plain state dicts and ``.safetensors``.
 
-Files are never unpickled: ``.pth`` goes through ``torch.load(..., weights_only=True)``.
+Files are never unpickled: ``.pth`` goes through ``torch.load(..., weights_only=True)`` behind
+size checks (:mod:`vmq.models.pth`).
 A key or shape mismatch is an error that lists what is missing and unexpected and names the
 registered model whose keys would fit.
 """
 
 from __future__ import annotations
 
-import argparse
-import pickle
-import re
 from pathlib import Path
 from typing import Callable, Dict, List, Union
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vmq.errors import VmqError
+from vmq.models.pth import check_tensors, read_pth
 
 StateDict = Dict[str, Tensor]
 
@@ -38,20 +37,8 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
         except (SafetensorError, OSError, ValueError) as exc:
             raise VmqError(f"cannot read {path}: not a valid safetensors file ({_short(exc)})") from None
     else:
-        try:
-            # the official training script stores its argparse.Namespace beside the weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "Unsupported global" in str(exc) or "weights_only" in str(exc):
-                what = re.search(r"GLOBAL ([\w.]+)", str(exc))
-                raise VmqError(f"cannot read {path}: it holds Python objects besides weights "
-                               f"({what.group(1) if what else 'unsupported type'}); vmq loads only weights-only "
-                               "checkpoints and never runs pickled code") from None
-            raise VmqError(f"cannot read {path}: truncated or corrupt ({_short(exc)})") from None
-        except Exception as exc:  # truncated zip, random bytes...
-            raise VmqError(f"cannot read {path}: truncated or corrupt ({_short(exc)})") from None
-        sd = _unwrap(obj, path)
+        sd = _unwrap(read_pth(path), path)
+        check_tensors(sd, path)
     out = {}
     for k, v in sd.items():
         if not isinstance(v, Tensor):

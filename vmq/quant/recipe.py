@@ -58,7 +58,7 @@ class Smoothing(StrictModel):
 
 class Truncation(StrictModel):
     p: float = Field(2.4, gt=0.0, description="exponent of the Lp error the clipping range minimises")
-    grid: int = Field(100, ge=2, description="candidate clipping ratios")
+    grid: int = Field(100, ge=2, le=10_000, description="candidate clipping ratios")
     num_images: int = Field(64, ge=1, description="calibration images the activation search looks at")
 
 

@@ -69,7 +69,7 @@ def method_for(stage_key: str, stage: Any, source: str = "recipe") -> "Method":
     """The method a recipe block asks for, checked against the block (one clear error otherwise)."""
     table = METHODS[stage_key]
     if stage.method not in table:
-        raise VmqError(f"{source}: recipe key '{stage_key}.method': unknown method {stage.method!r} "
+        raise VmqError(f"{source}: recipe key '{stage_key}.method': unknown method {stage.method[:80]!r} "
                        f"(methods: {', '.join(table)})")
     method = table[stage.method](stage)
     problem = method.check_stage()
