@@ -27,6 +27,11 @@ def backend_option(f):
                              "ops (ref), or auto (compiled where available, else reference).")(f)
 
 
+def verify_option(f):
+    return click.option("--no-verify", "no_verify", is_flag=True,
+                        help="Load a packed file without checking its payload against the recorded SHA-256.")(f)
+
+
 def check_device(device: str) -> None:
     """One clear line when the device is malformed or does not exist here."""
     from vmq.env import check_device as check

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device, threads_option
+from vmq_cli._options import backend_option, check_device, threads_option, verify_option
 
 
 @click.command("bench")
@@ -21,8 +21,9 @@ from vmq_cli._options import backend_option, check_device, threads_option
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @threads_option
 @click.option("--layers", is_flag=True, help="Add a per-layer breakdown (a second pass with timing hooks).")
+@verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def command(path, model_name, batch, device, backend, repeats, warmup, layers, as_json):
+def command(path, model_name, batch, device, backend, repeats, warmup, layers, no_verify, as_json):
     """Time a quantized model against its floating-point baseline, in one interleaved run.
 
     PATH is a packed file from `vmq quantize` / `vmq vq` (the baseline is the same model with
@@ -50,7 +51,7 @@ def command(path, model_name, batch, device, backend, repeats, warmup, layers, a
     if path is not None and is_packed(path):
         if model_name is not None:
             raise UsageError("--model does not apply to a packed file (it names its own model)")
-        quant, packed_meta = load_packed(path)
+        quant, packed_meta = load_packed(path, verify=not no_verify)
         fp = float_twin(quant)
         fp.vmq_name = quant.vmq_name
     elif path is None and model_name is not None:  # architecture only: random weights

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import backend_option, check_device, device_option, model_options, threads_option
+from vmq_cli._options import (backend_option, check_device, device_option, model_options, threads_option,
+                              verify_option)
 
 
 @click.command("eval")
@@ -23,8 +24,10 @@ from vmq_cli._options import backend_option, check_device, device_option, model_
 @device_option
 @backend_option
 @threads_option
+@verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (timm validate.py keys).")
-def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip_bad, device, backend, as_json):
+def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip_bad, device, backend, no_verify,
+            as_json):
     """Evaluate a model or a packed file from `vmq quantize` / `vmq vq`.
 
     PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
@@ -51,7 +54,7 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip
     if checkpoint is not None and is_packed(checkpoint):
         if model_name is not None:
             raise UsageError("--model does not apply to a packed file (it names its own model)")
-        model, packed_meta = load_packed(checkpoint)
+        model, packed_meta = load_packed(checkpoint, verify=not no_verify)
     else:
         model = load_model(model_name, checkpoint)
     model.to(device)
@@ -83,7 +86,8 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip
         reported = packed_meta.get("results", {})
         result["packed"] = {"scheme": reported.get("scheme"), "method": reported.get("method"),
                             "reported_top1": reported.get("quant_top1"), "reported_fp_top1": reported.get("fp_top1"),
-                            "reported_eval_images": reported.get("eval_images")}
+                            "reported_eval_images": reported.get("eval_images"),
+                            "checksum": packed_meta["payload_check"]}
     if as_json:
         console.emit_json(result)
     else:

@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": ("vmq_cli.eval", "Evaluate a Vim model or a packed file (top-1, top-5, images/s)."),
     "quantize": ("vmq_cli.quantize", "Post-training quantization (PTQ4VM, baselines) to a packed file."),
     "vq": ("vmq_cli.vq", "Weight vector quantization (ViM-VQ, k-means baseline) to a packed file."),
+    "inspect": ("vmq_cli.inspect", "Show a packed file: model, recipe, layers, bits, size, accuracy, checksum."),
     "env": ("vmq_cli.env", "Show versions, CPU features, CUDA and kernel availability."),
 }
 

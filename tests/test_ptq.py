@@ -245,7 +245,7 @@ def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):
     assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2  # two 4-bit weights per byte
     assert "layers.0.mixer.in_proj.weight" not in keys and "layers.0.mixer.in_proj.input_scale" in keys
     assert "layers.0.mixer.out_proj.smooth_scale" in keys and "layers.0.mixer.in_proj.smooth_scale" not in keys
-    assert read_metadata(files[0])["format_version"] == 1
+    assert read_metadata(files[0])["format_version"] == "2.0"
 
 
 def test_packed_8bit_uses_int8_weight_and_bad_files(tiny, tmp_path):
@@ -262,8 +262,10 @@ def test_packed_8bit_uses_int8_weight_and_bad_files(tiny, tmp_path):
     meta = {"vmq": __import__("safetensors").safe_open(str(path), framework="pt").metadata()["vmq"]}
     del tensors["layers.1.mixer.out_proj.weight_scale"]
     save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=meta)
-    with pytest.raises(VmqError, match="lacks tensor layers.1.mixer.out_proj.weight_scale"):
+    with pytest.raises(VmqError, match="payload checksum mismatch"):
         load_packed(tmp_path / "broken.safetensors")
+    with pytest.raises(VmqError, match="lacks tensor layers.1.mixer.out_proj.weight_scale"):
+        load_packed(tmp_path / "broken.safetensors", verify=False)
     with pytest.raises(VmqError, match="not a vmq packed file"):
         save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
         load_packed(tmp_path / "plain.safetensors")

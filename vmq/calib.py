@@ -29,6 +29,7 @@ from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
 from vmq.modules import linear_names
 from vmq.runtime import ieee_float32
+from vmq.safefile import SafeHeader, read_header
 
 STATS_FORMAT = "vmq.calibration"
 STATS_VERSION = 1
@@ -164,22 +165,29 @@ class CalibStats:
         path = Path(path)
         if not path.is_file():
             raise VmqError(f"calibration stats not found: {path}")
+        header = read_header(path, "calibration stats ")  # checked before anything is read
+        try:
+            meta = json.loads(header.metadata.get("vmq", "null"))
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
+            raise VmqError(f"{path} is not a vmq calibration stats file (write one with `vmq calibrate`)")
+        if meta.get("format_version") != STATS_VERSION:
+            raise VmqError(f"{path}: stats format version {str(meta.get('format_version'))[:20]} is not supported "
+                           f"(this vmq reads version {STATS_VERSION})")
+        counts = meta.get("counts")
+        if not isinstance(counts, dict) or not all(isinstance(c, int) and c >= 0 for c in counts.values()):
+            raise VmqError(f"cannot read calibration stats {path}: broken metadata (counts)")
+        for name in counts:
+            _check_stats_entries(header, name)
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("vmq", "null"))
-                if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
-                    raise VmqError(f"{path} is not a vmq calibration stats file (write one with `vmq calibrate`)")
-                if meta.get("format_version") != STATS_VERSION:
-                    raise VmqError(f"{path}: stats format version {meta.get('format_version')} is not supported "
-                                   f"(this vmq reads version {STATS_VERSION})")
-                layers = {}
-                for name, count in meta["counts"].items():
-                    layers[name] = LayerStats(f.get_tensor(f"{name}.min"), f.get_tensor(f"{name}.max"),
-                                              f.get_tensor(f"{name}.sq_sum"), int(count))
-        except VmqError:
-            raise
+                layers = {name: LayerStats(f.get_tensor(f"{name}.min"), f.get_tensor(f"{name}.max"),
+                                           f.get_tensor(f"{name}.sq_sum"), int(count))
+                          for name, count in counts.items()}
         except Exception as exc:
-            raise VmqError(f"cannot read calibration stats {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            raise VmqError(f"cannot read calibration stats {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+                           ) from None
         return cls(layers, meta, str(path))
 
     def check(self, model: nn.Module) -> None:
@@ -192,6 +200,20 @@ class CalibStats:
         if self.meta.get("weights_sha256") != model_fingerprint(model):
             raise VmqError(f"{source} was calibrated on other weights of {name} (weights sha256 differs); "
                            "run `vmq calibrate` with this checkpoint")
+
+
+def _check_stats_entries(header: SafeHeader, name: str) -> None:
+    """A layer's min, max (tokens, channels) and sq_sum (channels,) are there, floating point and consistent."""
+    found = {k: header.entries.get(f"{name}.{k}") for k in ("min", "max", "sq_sum")}
+    lacking = [f"{name}.{k}" for k, e in found.items() if e is None]
+    if lacking:
+        raise VmqError(f"cannot read calibration stats {header.path}: tensor {lacking[0]} is missing")
+    lo, hi, sq = found["min"], found["max"], found["sq_sum"]
+    if (any(e.dtype not in ("F32", "F64") for e in (lo, hi, sq)) or len(lo.shape) != 2 or lo.shape != hi.shape
+            or sq.shape != lo.shape[1:]):
+        raise VmqError(f"cannot read calibration stats {header.path}: layer {name}'s tensors are "
+                       f"{lo.dtype} {list(lo.shape)}, {hi.dtype} {list(hi.shape)}, {sq.dtype} {list(sq.shape)}; "
+                       "expected float (tokens, channels) twice and (channels,)")
 
 
 def _config_dict(model: nn.Module) -> dict:

@@ -1,7 +1,8 @@
 """Reading checkpoints: official ``.pth`` files, plain state dicts and ``.safetensors``.
 
 Files are never unpickled: ``.pth`` goes through ``torch.load(..., weights_only=True)`` behind
-size checks (:mod:`vmq.models.pth`).
+size checks (:mod:`vmq.models.pth`); a ``.safetensors`` header is checked first
+(:func:`vmq.safefile.read_header`).
 A key or shape mismatch is an error that lists what is missing and unexpected and names the
 registered model whose keys would fit.
 """
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from vmq.errors import VmqError
 from vmq.models.pth import check_tensors, read_pth
+from vmq.safefile import read_header
 
 StateDict = Dict[str, Tensor]
 
@@ -32,6 +34,7 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
     if path.stat().st_size == 0:
         raise VmqError(f"checkpoint is empty: {path}")
     if path.suffix == ".safetensors":
+        read_header(path)  # the header checked before the library reads anything
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
