@@ -6,11 +6,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
-from vmq_cli._options import threads_option
+from vmq_cli._options import memory_options, threads_option
 
 
 def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Callable:
-    """The options ``vmq quantize`` and ``vmq vq`` share (recipe, overrides, output, stats, device, eval, JSON)."""
+    """The options ``vmq quantize`` and ``vmq vq`` share (recipe, overrides, output, stats, device, eval, JSON,
+    memory budget)."""
     options = [
         click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None, help=recipe_help),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -28,6 +29,7 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
     ]
 
     def decorate(f: Callable) -> Callable:
+        f = memory_options(f)
         for option in reversed(options):
             f = option(f)
         return f
@@ -37,23 +39,26 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
 
 def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: Optional[str],
         stats_path: Optional[str], device: Optional[str], no_eval: bool,
-        default_out: Callable[[str, Any], str]) -> Tuple[Any, Dict[str, Any]]:
+        default_out: Callable[[str, Any], str], max_memory: Optional[str] = None,
+        offload_dir: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
     """Check everything that can fail before the work, compress, write; returns (result, results dict)."""
     from vmq.calib import CalibStats
     from vmq.compress.api import compress, load_model, read_recipe, recipe_path_for, resolve_device
     from vmq.compress.methods import method_for
     from vmq.fileio import check_output_path
     from vmq_cli import _console as console
+    from vmq_cli._options import check_memory
 
     recipe = read_recipe(recipe_path, overrides, kind=kind)
     method = method_for(kind, getattr(recipe, kind), str(recipe_path or "recipe"))
-    resolve_device(device, recipe)
+    budget = check_memory(max_memory, offload_dir, resolve_device(device, recipe))
     model = load_model(recipe.model.name, recipe.model.checkpoint)
     out = out or default_out(model.vmq_name, method)
     check_output_path(out)
     check_output_path(recipe_path_for(out))
     stats = CalibStats.load(stats_path) if stats_path is not None else None
-    result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress)
+    result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress,
+                      max_memory=budget.max_bytes, offload_dir=budget.offload_dir)
     results = result.results()
     for warning in results["warnings"]:
         console.warn(warning)
@@ -61,6 +66,7 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     results["total_seconds"] = round(result.timings["total_seconds"], 2)
     results[method.timing_key] = round(result.seconds, 2)
     results["layers"] = [r.to_dict() for r in result.reports]
+    results["activations"] = result.activations
     return result, results
 
 

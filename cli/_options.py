@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional, Union
+
 import click
+
+if TYPE_CHECKING:
+    import torch
+
+    from vmq.activations import MemoryBudget
 
 
 def model_options(f):
@@ -30,6 +37,26 @@ def backend_option(f):
 def verify_option(f):
     return click.option("--no-verify", "no_verify", is_flag=True,
                         help="Load a packed file without checking its payload against the recorded SHA-256.")(f)
+def memory_options(f):
+    """``--max-memory`` and ``--offload-dir``: where the calibration activations are kept."""
+    f = click.option("--offload-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="Folder for the block activations that do not fit --max-memory (files, removed at the "
+                          "end, also after an error).")(f)
+    f = click.option("--max-memory", default=None, metavar="SIZE",
+                     help="Most memory the block activations (one block's inputs and outputs for all calibration "
+                          "images) may take on the device, e.g. 8GB or 512MiB; the rest goes to --offload-dir, or "
+                          "on CUDA to host memory. Default: no limit. The result does not depend on it.")(f)
+    return f
+
+
+def check_memory(max_memory: Optional[str], offload_dir: Optional[str], device: Union[str, "torch.device"]) \
+        -> "MemoryBudget":
+    """The :class:`vmq.activations.MemoryBudget` of the options, checked against ``device`` (one clear line)."""
+    from vmq.activations import MemoryBudget
+
+    budget = MemoryBudget.of(max_memory, offload_dir)
+    budget.check(device)
+    return budget
 
 
 def check_device(device: str) -> None:

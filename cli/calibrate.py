@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import check_device, device_option, model_options, threads_option
+from vmq_cli._options import check_device, check_memory, device_option, memory_options, model_options, threads_option
 
 
 @click.command("calibrate")
@@ -17,8 +17,9 @@ from vmq_cli._options import check_device, device_option, model_options, threads
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Stats file to write (.safetensors).")
 @device_option
 @threads_option
+@memory_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(model_name, checkpoint, data, num_images, batch_size, out, device, as_json):
+def command(model_name, checkpoint, data, num_images, batch_size, out, device, max_memory, offload_dir, as_json):
     """Record per-layer input statistics of a model for `vmq quantize --stats`.
 
     For every linear layer inside the blocks: min and max per (token, channel) and the
@@ -30,6 +31,8 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, a
     from vmq_cli import _console as console
 
     check_device(device)
+    budget = check_memory(max_memory, offload_dir, device)
+    from vmq.activations import ActivationStore
     from vmq.calib import collect_stats
     from vmq.compress.api import load_model
     from vmq.data import calibration_images
@@ -40,8 +43,9 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, a
     check_output_path(out)
     model = load_model(model_name, checkpoint).to(device)
     images, source = calibration_images(model, data, num_images)
-    with console.progress("calibrating blocks", len(family_of(model).blocks(model))) as update:
-        stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n))
+    with console.progress("calibrating blocks", len(family_of(model).blocks(model))) as update, \
+            ActivationStore(device, budget) as store:
+        stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n), store=store)
     stats.save(out)
     result = {
         "model": model.vmq_name,
@@ -52,8 +56,10 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, a
         "tokens": sorted({st.tokens for st in stats.layers.values()}),
         "weights_sha256": stats.meta["weights_sha256"],
         "seconds": round(time.perf_counter() - start, 2),
+        "activations": store.report(),
     }
     if as_json:
         console.emit_json(result)
     else:
-        console.emit_table(f"vmq calibrate: {result['model']}", [[k, v] for k, v in result.items() if k != "model"])
+        console.emit_table(f"vmq calibrate: {result['model']}",
+                           [[k, v] for k, v in result.items() if k not in ("model", "activations")])

@@ -10,7 +10,7 @@ from vmq_cli._compress import compress_options
 @click.command("quantize")
 @compress_options("YAML recipe (see configs/); default: PTQ4VM W8A8 on the reference model.",
                   "quantization.scheme=W4A8", "<model>-<scheme>-<method>.safetensors")
-def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json):
+def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, max_memory, offload_dir):
     """Quantize a model with a recipe and write one packed .safetensors file.
 
     Prints a per-layer table (bits, granularity, smoothing, output SNR against floating point)
@@ -21,7 +21,8 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json):
     from vmq_cli._compress import layer_cells, run, summary_rows
 
     result, results = run("quantization", recipe_path, overrides, out, stats_path, device, no_eval,
-                          lambda name, method: f"{name}-{method.label().lower()}-{method.name}.safetensors")
+                          lambda name, method: f"{name}-{method.label().lower()}-{method.name}.safetensors",
+                          max_memory=max_memory, offload_dir=offload_dir)
     if as_json:
         console.emit_json(results)
         return

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from vmq.activations import ActivationStore
 from vmq.errors import VmqError
 from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
@@ -223,22 +224,26 @@ def _config_dict(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: str = "",
-                  on_block: Optional[Callable[[int, int], None]] = None) -> CalibStats:
+                  on_block: Optional[Callable[[int, int], None]] = None,
+                  store: Optional[ActivationStore] = None) -> CalibStats:
     """Run the floating-point ``model`` block by block and record every block linear layer's input stats.
 
-    The images are moved to the model's device; the statistics stay there (``save`` writes them
-    from the CPU). On CUDA in full fp32 (:func:`vmq.runtime.ieee_float32`), like the CPU."""
+    The images are moved to the model's device a batch at a time; one block's inputs and outputs
+    are kept at a time, where ``store`` places them (default: on the model's device). The
+    statistics stay on the device (``save`` writes them from the CPU). On CUDA in full fp32
+    (:func:`vmq.runtime.ieee_float32`), like the CPU."""
     if not torch.isfinite(images).all():
         raise VmqError("calibration images hold NaN or Inf")
     family = family_of(model)
     device = next(model.parameters()).device
+    store = store if store is not None else ActivationStore(device)
     layers: Dict[str, LayerStats] = {}
     blocks = family.blocks(model)
     with ieee_float32(device):
-        io = family.embed_batched(model, images.to(device), batch_size)
+        io = store.embed(family, model, images, batch_size)
         for i, (prefix, block) in enumerate(blocks):
             with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
-                io = family.run_batched(block, io, batch_size)
+                io = store.run(family, block, io, batch_size)
             for name, st in obs.stats.items():
                 layers[prefix + name] = st
             if on_block is not None:

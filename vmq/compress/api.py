@@ -22,6 +22,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
+from vmq.activations import ActivationStore, MemoryBudget
 from vmq.calib import CalibStats, collect_stats
 from vmq.compress.engine import compress_model
 from vmq.compress.methods import Method, method_for
@@ -121,6 +122,7 @@ class CompressResult:
     metrics: Dict[str, Any]  # accuracy, agreement and data facts (see :meth:`results`)
     seconds: float  # the compression itself
     timings: Dict[str, float] = field(default_factory=dict)
+    activations: Dict[str, Optional[int]] = field(default_factory=dict)  # where block activations were kept
 
     def results(self) -> Dict[str, Any]:
         """JSON-ready results: what the packed file records (no timings: same inputs, same bytes)."""
@@ -145,19 +147,25 @@ def recipe_path_for(out: Union[str, Path]) -> Path:
 def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Module] = None,
              images: Optional[Tensor] = None, stats: Optional[CalibStats] = None, device: Optional[str] = None,
              overrides: Sequence[str] = (), evaluate_model: bool = True,
-             progress: Progress = no_progress) -> CompressResult:
+             progress: Progress = no_progress, max_memory: Union[str, int, None] = None,
+             offload_dir: Union[str, Path, None] = None) -> CompressResult:
     """Compress a model with a recipe; see the module docstring.
 
     ``model``: a registered model to compress in place (default: the recipe's ``model``);
     ``images``: calibration images (N, C, H, W) (default: the recipe's ``calibration``);
     ``stats``: calibration statistics of this model (default: a statistics pass);
     ``evaluate_model``: measure the floating-point and the compressed model on the recipe's
-    eval set (top-1, agreement, logit SNR).
+    eval set (top-1, agreement, logit SNR);
+    ``max_memory`` (bytes, or a size such as ``"8GB"``): the most bytes of block activations kept
+    on ``device`` at once, the rest going to ``offload_dir`` (files, removed afterwards) or, on
+    CUDA without it, to host memory (:mod:`vmq.activations`). Neither changes the result.
     """
     recipe = read_recipe(recipe, overrides)
     stage_key = stage_of(recipe)
     method = method_for(stage_key, getattr(recipe, stage_key))
     dev = resolve_device(device, recipe)
+    budget = MemoryBudget.of(max_memory, offload_dir)
+    budget.check(dev)
     start = time.perf_counter()
     if model is None:
         model = load_model(recipe.model.name, recipe.model.checkpoint)
@@ -177,21 +185,22 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     if images is None:
         images, source = calibration_images(model, recipe.calibration.data, recipe.calibration.num_images)
     model.to(dev)
-    if stats is None:
-        with progress("calibration statistics", len(family.blocks(model))) as update:
-            stats = collect_stats(model, images, recipe.calibration.batch_size, data=source,
-                                  on_block=lambda i, n: update(i, n))
-    fp = _evaluate(model, recipe, "floating point", progress) if evaluate_model else None
-    t0 = time.perf_counter()
-    with progress(f"{method.what.replace('quantized', 'quantizing')} blocks ({method.name})",
-                  len(family.blocks(model))) as update:
-        reports = compress_model(model, method, images, stats, recipe.calibration.batch_size, recipe.seed,
-                                 on_block=lambda i, n, _p: update(i, n))
-    seconds = time.perf_counter() - t0
+    with ActivationStore(dev, budget) as store:
+        if stats is None:
+            with progress("calibration statistics", len(family.blocks(model))) as update:
+                stats = collect_stats(model, images, recipe.calibration.batch_size, data=source,
+                                      on_block=lambda i, n: update(i, n), store=store)
+        fp = _evaluate(model, recipe, "floating point", progress) if evaluate_model else None
+        t0 = time.perf_counter()
+        with progress(f"{method.what.replace('quantized', 'quantizing')} blocks ({method.name})",
+                      len(family.blocks(model))) as update:
+            reports = compress_model(model, method, images, stats, recipe.calibration.batch_size, recipe.seed,
+                                     on_block=lambda i, n, _p: update(i, n), store=store)
+        seconds = time.perf_counter() - t0
     q = _evaluate(model, recipe, method.what, progress) if evaluate_model else None
     metrics = _comparison(recipe, fp, q, images, source, stats if given_stats else None)
     return CompressResult(model, recipe, method, reports, metrics, seconds,
-                          {"total_seconds": time.perf_counter() - start})
+                          {"total_seconds": time.perf_counter() - start}, store.report())
 
 
 def _evaluate(model: nn.Module, recipe: Recipe, what: str, progress: Progress) -> dict:

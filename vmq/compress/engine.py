@@ -13,6 +13,8 @@ For each block, in order:
 The model's family (:mod:`vmq.models.family`) says what the blocks are and how they run; the
 method says what happens to the layers. Everything runs on the model's device (on CUDA in full
 fp32, :func:`vmq.runtime.ieee_float32`, so that a GPU run follows a CPU run to fp32 rounding).
+One block's activations are held at a time, where ``store`` (:class:`vmq.activations.ActivationStore`)
+places them: on the device within a memory budget, past it in host memory or offload files.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from vmq.activations import ActivationStore, io_all_finite
 from vmq.calib import CalibStats
 from vmq.compress.methods.base import BlockJob, Method
 from vmq.errors import VmqError
 from vmq.metrics import snr_db
-from vmq.models.family import family_of, io_finite
+from vmq.models.family import family_of
 from vmq.runtime import ieee_float32
 
 SNR_IMAGES = 32
 
 
 def compress_model(model: nn.Module, method: Method, images: Tensor, stats: CalibStats, batch_size: int = 32,
-                   seed: int = 0, on_block: Optional[Callable[[int, int, str], None]] = None) -> List[Any]:
-    """Compress ``model`` in place (its target layers become runtime layers); per-layer reports."""
+                   seed: int = 0, on_block: Optional[Callable[[int, int, str], None]] = None,
+                   store: Optional[ActivationStore] = None) -> List[Any]:
+    """Compress ``model`` in place (its target layers become runtime layers); per-layer reports.
+
+    ``store``: where the block activations are kept (default: all on the model's device)."""
     family = family_of(model)
     targets = method.targets(model, family)
     missing = [t for t in targets if t not in stats.layers]
@@ -45,21 +51,26 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
     model.eval()  # no drop-path while compressing
     device = next(model.parameters()).device
     scan = family.scan_implementation(model, method.scan) if method.scan else contextlib.nullcontext()
+    store = store if store is not None else ActivationStore(device)
     reports: List[Any] = []
     with scan, torch.no_grad(), ieee_float32(device):
-        fp_io = family.embed_batched(model, images.to(device), batch_size)
+        fp_io = store.embed(family, model, images, batch_size)
         q_io = fp_io
         blocks = family.blocks(model)
         for i, (prefix, block) in enumerate(blocks):
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
-            fp_out = family.run_batched(block, fp_io, batch_size)
+            same = q_io is fp_io
+            fp_out = store.run(family, block, fp_io, batch_size)
+            fp_io = None  # (drops the floating-point inputs unless they are also the compressed ones)
             if names:
-                job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i)
+                job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i, store)
                 reports.extend(_compress_block(method, job))
-            q_io = family.run_batched(block, q_io, batch_size) if names or q_io is not fp_io else fp_out
-            if not io_finite(q_io):
+                del job
+            q_io = store.run(family, block, q_io, batch_size) if names or not same else fp_out
+            if not io_all_finite(q_io):
                 raise VmqError(f"{method.what} block {i} produced NaN or Inf")
             fp_io = fp_out
+            del fp_out
             if on_block is not None:
                 on_block(i + 1, len(blocks), prefix)
     return reports

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Type
 
 from torch import Tensor, nn
 
+from vmq.activations import ActivationStore
 from vmq.calib import CalibStats, LayerStats, observe_inputs
 from vmq.errors import VmqError
 from vmq.models.family import BlockIO, ModelFamily
@@ -36,6 +37,7 @@ class BlockJob:
     stats: CalibStats
     batch_size: int
     seed: int
+    store: Optional[ActivationStore] = None  # where block activations are kept (None: the block's device)
     target: Tensor = field(init=False)  # what block losses compare with; a method may change it
 
     def __post_init__(self) -> None:
@@ -48,6 +50,11 @@ class BlockJob:
     def observe(self, names: List[str], num_samples: int) -> Dict[str, Tensor]:
         """The inputs layers ``names`` see on the first ``num_samples`` of the block's inputs."""
         return observe_inputs(self.family, self.block, names, self.q_io, num_samples, self.batch_size, self.prefix)
+
+    def run(self, io: BlockIO) -> BlockIO:
+        """The block's outputs on all of ``io``, kept where the store places them."""
+        store = self.store if self.store is not None else ActivationStore(self.target.device)
+        return store.run(self.family, self.block, io, self.batch_size)
 
     def install(self, layers: Dict[str, nn.Module]) -> None:
         for name, layer in layers.items():

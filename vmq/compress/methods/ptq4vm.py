@@ -15,7 +15,7 @@ class PTQ4VM(TruncatingMethod):
 
     def prepare(self, job: BlockJob):
         if self.stage.jlss.target == "quant_input":  # this floating-point block on the quantized inputs
-            job.target = job.family.block_output(job.family.run_batched(job.block, job.q_io, job.batch_size))
+            job.target = job.family.block_output(job.run(job.q_io))
         return super().prepare(job)
 
     def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
