@@ -40,25 +40,31 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
 def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: Optional[str],
         stats_path: Optional[str], device: Optional[str], no_eval: bool,
         default_out: Callable[[str, Any], str], max_memory: Optional[str] = None,
-        offload_dir: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
-    """Check everything that can fail before the work, compress, write; returns (result, results dict)."""
+        offload_dir: Optional[str] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """Check everything that can fail before the work, compress, write; returns (result, results dict).
+
+    Under torchrun each process compresses on its shard of the images (:mod:`vmq.distributed`);
+    rank 0 alone checks and writes the output and gets the results dict, the others None."""
     from vmq.calib import CalibStats
     from vmq.compress.api import compress, load_model, read_recipe, recipe_path_for, resolve_device
     from vmq.compress.methods import method_for
+    from vmq.distributed import launch
     from vmq.fileio import check_output_path
     from vmq_cli import _console as console
     from vmq_cli._options import check_memory
 
     recipe = read_recipe(recipe_path, overrides, kind=kind)
     method = method_for(kind, getattr(recipe, kind), str(recipe_path or "recipe"))
-    budget = check_memory(max_memory, offload_dir, resolve_device(device, recipe))
-    model = load_model(recipe.model.name, recipe.model.checkpoint)
-    out = out or default_out(model.vmq_name, method)
-    check_output_path(out)
-    check_output_path(recipe_path_for(out))
-    stats = CalibStats.load(stats_path) if stats_path is not None else None
-    result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress,
-                      max_memory=budget.max_bytes, offload_dir=budget.offload_dir)
+    with launch(device or recipe.device) as (dist, device):
+        budget = check_memory(max_memory, offload_dir, resolve_device(device, recipe))
+        model = load_model(recipe.model.name, recipe.model.checkpoint)
+        out = out or default_out(model.vmq_name, method)
+        dist.check_on_main(lambda: (check_output_path(out), check_output_path(recipe_path_for(out))))
+        stats = CalibStats.load(stats_path) if stats_path is not None else None
+        result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress,
+                          max_memory=budget.max_bytes, offload_dir=budget.offload_dir, dist=dist)
+    if not dist.is_main:
+        return result, None
     results = result.results()
     for warning in results["warnings"]:
         console.warn(warning)

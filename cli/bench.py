@@ -40,11 +40,14 @@ def command(path, model_name, batch, device, backend, repeats, warmup, layers, n
     import torch
 
     from vmq.compress.api import RANDOM_WEIGHTS, load_model
+    from vmq.distributed import launched
     from vmq.errors import UsageError
     from vmq.models import family_of
     from vmq.pack.format import is_packed, load_packed
     from vmq.runtime import retain_freed_memory
 
+    if launched():
+        raise UsageError("bench measures one process: run it without torchrun")
     torch.set_grad_enabled(False)
     retained = retain_freed_memory()  # for both models: activations reused, not faulted in again
     packed_meta = None

@@ -24,7 +24,8 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, m
 
     For every linear layer inside the blocks: min and max per (token, channel) and the
     per-channel second moment, computed block by block on the floating-point model. The file
-    is tied to the model (name, configuration and a hash of its weights).
+    is tied to the model (name, configuration and a hash of its weights). Under torchrun each
+    process runs a shard of the images, the statistics are reduced exactly, and rank 0 writes.
     """
     import time
 
@@ -34,23 +35,30 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, m
     budget = check_memory(max_memory, offload_dir, device)
     from vmq.activations import ActivationStore
     from vmq.calib import collect_stats
-    from vmq.compress.api import load_model
+    from vmq.compress.api import load_model, no_progress
     from vmq.data import calibration_images
+    from vmq.distributed import Part, launch
     from vmq.fileio import check_output_path
     from vmq.models import family_of
 
     start = time.perf_counter()
-    check_output_path(out)
-    model = load_model(model_name, checkpoint).to(device)
-    images, source = calibration_images(model, data, num_images)
-    with console.progress("calibrating blocks", len(family_of(model).blocks(model))) as update, \
-            ActivationStore(device, budget) as store:
-        stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n), store=store)
+    with launch(device) as (dist, device):
+        dist.check_on_main(lambda: check_output_path(out))
+        model = load_model(model_name, checkpoint).to(device)
+        part = Part.of(dist, num_images, batch_size)
+        images, source = calibration_images(model, data, num_images, slice(part.start, part.stop))
+        progress = console.progress if dist.is_main else no_progress
+        with progress("calibrating blocks", len(family_of(model).blocks(model))) as update, \
+                ActivationStore(device, budget) as store:
+            stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n),
+                                  store=store, dist=dist)
+    if not dist.is_main:  # rank 0 writes and prints
+        return
     stats.save(out)
     result = {
         "model": model.vmq_name,
         "stats": str(out),
-        "num_images": int(images.shape[0]),
+        "num_images": part.total,
         "data": source,
         "layers": len(stats.layers),
         "tokens": sorted({st.tokens for st in stats.layers.values()}),

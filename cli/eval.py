@@ -32,14 +32,16 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip
 
     PATH is a packed .safetensors file (rebuilt from the file alone) or a checkpoint (same as
     --checkpoint). With no arguments: the shipped reference model on the shipped test subset.
+    Under torchrun each process evaluates a shard of the images; rank 0 prints the figures of all.
     """
     from vmq_cli import _console as console
 
     check_device(device)
     import torch
 
-    from vmq.compress.api import load_model
+    from vmq.compress.api import load_model, no_progress
     from vmq.data import eval_loader
+    from vmq.distributed import launch, shard_loader
     from vmq.errors import UsageError
     from vmq.evaluate import evaluate, param_count
     from vmq.ops.backend import use_backend
@@ -57,14 +59,19 @@ def command(path, model_name, checkpoint, data, batch_size, limit, workers, skip
         model, packed_meta = load_packed(checkpoint, verify=not no_verify)
     else:
         model = load_model(model_name, checkpoint)
-    model.to(device)
-    loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers,
-                                      pin_memory=device.startswith("cuda"))
-    with console.progress("evaluating", len(loader.dataset), unit="images") as update, use_backend(backend):
-        metrics = evaluate(model, loader, on_batch=update, skip_bad=skip_bad)
+    with launch(device) as (dist, rank_device):
+        model.to(rank_device)
+        loader, data_cfg, _ = eval_loader(model, data, batch_size=batch_size, limit=limit, workers=workers,
+                                          pin_memory=rank_device.startswith("cuda"))
+        loader = shard_loader(loader, dist)
+        progress = console.progress if dist.is_main else no_progress
+        with progress("evaluating", len(loader.dataset), unit="images") as update, use_backend(backend):
+            metrics = evaluate(model, loader, on_batch=update, skip_bad=skip_bad, dist=dist)
+    if not dist.is_main:  # rank 0 prints
+        return
     if metrics["skipped_images"]:
         console.warn(f"skipped {metrics['skipped_images']} image(s) that could not be read; the first: "
-                     f"{metrics['skipped_errors'][0]}")
+                     f"{metrics['skipped_errors'][0] if metrics['skipped_errors'] else '(on another process)'}")
     result = {
         "model": model.vmq_name,
         **{k: metrics[k] for k in ("top1", "top1_err", "top5", "top5_err")},

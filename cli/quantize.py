@@ -23,6 +23,8 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, m
     result, results = run("quantization", recipe_path, overrides, out, stats_path, device, no_eval,
                           lambda name, method: f"{name}-{method.label().lower()}-{method.name}.safetensors",
                           max_memory=max_memory, offload_dir=offload_dir)
+    if results is None:  # not rank 0 under torchrun: rank 0 prints
+        return
     if as_json:
         console.emit_json(results)
         return

@@ -24,6 +24,8 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, m
     result, results = run("vq", recipe_path, overrides, out, stats_path, device, no_eval,
                           lambda name, method: f"{name}-vq-{method.label()}-{method.name}.safetensors",
                           max_memory=max_memory, offload_dir=offload_dir)
+    if results is None:  # not rank 0 under torchrun: rank 0 prints
+        return
     if as_json:
         console.emit_json(results)
         return

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from vmq.activations import ActivationStore
+from vmq.distributed import SINGLE, Dist
 from vmq.errors import VmqError
 from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
@@ -95,6 +96,13 @@ class LayerStats:
             lo, hi = lo / smooth, hi / smooth
         lo, hi = lo.amin(dim=1), hi.amax(dim=1)
         return (lo, hi) if per_token else (lo.amin().reshape(1), hi.amax().reshape(1))
+
+    def reduce(self, dist: Dist) -> "LayerStats":
+        """The statistics over every process's images (torch.distributed): minima, maxima and
+        counts exact, the float64 sums of squares up to summation order."""
+        if not dist.active:
+            return self
+        return LayerStats(dist.min(self.min), dist.max(self.max), dist.sum(self.sq_sum), dist.sum_int(self.count))
 
     def sample_tensor(self) -> Tensor:
         return torch.cat(self.samples) if self.samples else torch.empty(0, device=self.min.device)
@@ -225,13 +233,15 @@ def _config_dict(model: nn.Module) -> dict:
 @torch.no_grad()
 def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: str = "",
                   on_block: Optional[Callable[[int, int], None]] = None,
-                  store: Optional[ActivationStore] = None) -> CalibStats:
+                  store: Optional[ActivationStore] = None, dist: Dist = SINGLE) -> CalibStats:
     """Run the floating-point ``model`` block by block and record every block linear layer's input stats.
 
     The images are moved to the model's device a batch at a time; one block's inputs and outputs
     are kept at a time, where ``store`` places them (default: on the model's device). The
     statistics stay on the device (``save`` writes them from the CPU). On CUDA in full fp32
-    (:func:`vmq.runtime.ieee_float32`), like the CPU."""
+    (:func:`vmq.runtime.ieee_float32`), like the CPU. Under torch.distributed (``dist``),
+    ``images`` are this process's shard (at least one image) and every process gets the
+    statistics of all of them (:meth:`LayerStats.reduce`)."""
     if not torch.isfinite(images).all():
         raise VmqError("calibration images hold NaN or Inf")
     family = family_of(model)
@@ -244,8 +254,9 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
         for i, (prefix, block) in enumerate(blocks):
             with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
                 io = store.run(family, block, io, batch_size)
-            for name, st in obs.stats.items():
-                layers[prefix + name] = st
+            reduced = {name: obs.stats[name].reduce(dist) for name in sorted(obs.stats)}  # one order on all ranks
+            for name in obs.stats:
+                layers[prefix + name] = reduced[name]
             if on_block is not None:
                 on_block(i + 1, len(blocks))
     meta = {
@@ -255,7 +266,7 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
         "family": family.name,
         "config": family.config_to_dict(family.config_of(model)),
         "weights_sha256": model_fingerprint(model),
-        "num_images": int(images.shape[0]),
+        "num_images": dist.sum_int(int(images.shape[0])),
         "image_size": list(images.shape[-2:]),
         "data": data,
     }

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vmq.data import EvalBatch
+from vmq.distributed import SINGLE, Dist
 from vmq.errors import VmqError
 from vmq.layers import runtime_layers
 from vmq.runtime import ieee_float32
@@ -26,7 +27,8 @@ SKIPPED_SHOWN = 10
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[int, int], None]] = None,
-             keep_logits: bool = False, skip_bad: bool = False, keep_predictions: bool = False) -> Dict[str, Any]:
+             keep_logits: bool = False, skip_bad: bool = False, keep_predictions: bool = False,
+             dist: Dist = SINGLE) -> Dict[str, Any]:
     """Run ``model`` (in eval mode, where it is) over ``loader``; returns top-1/top-5 (percent), image
     count and images/s. The images go to the model's device; the model is not moved.
 
@@ -40,11 +42,17 @@ def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[
     progress bar; skipped images count as done). On CUDA: full fp32
     (:func:`vmq.runtime.ieee_float32`), and the counts and logits stay on the device until the
     end (no wait for the device per batch).
+
+    Under torch.distributed (``dist``) ``loader`` holds this process's shard (possibly empty;
+    :func:`vmq.distributed.shard_loader`): the counts (images, hits, skipped images) are summed
+    over processes, so every process gets the figures of all the images; the time is the slowest
+    process's; ``on_batch``, ``skipped_errors``, ``"logits"`` and ``"predictions"`` are this
+    process's own.
     """
     model.eval()
     device = next(model.parameters()).device
     total = len(loader.dataset)
-    if total == 0:
+    if dist.sum_int(total) == 0:
         raise VmqError("the evaluation set is empty")
     n = done = skipped = 0
     errors: List[str] = []
@@ -82,13 +90,21 @@ def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[
                 on_batch(done, total)
     top1, top5 = hits.tolist()  # waits for the device: the timing below covers all the work
     elapsed = time.perf_counter() - start
+    if dist.active:  # every process's counts; the slowest process's time
+        top1, top5, n, skipped, bad = dist.sum(torch.tensor([top1, top5, n, skipped, int(not bool(finite))])).tolist()
+        finite, elapsed = bad == 0, dist.max_float(elapsed)
     if n == 0:
-        raise VmqError(f"none of the {skipped} images of the evaluation set could be read; the first: {errors[0]}")
+        first = f"; the first: {errors[0]}" if errors else ""
+        raise VmqError(f"none of the {skipped} images of the evaluation set could be read{first}")
     if not bool(finite):
         raise VmqError("the model produced NaN or Inf logits")
+    if keep_logits and not kept:  # an empty shard
+        kept.append(torch.empty(0, getattr(model, "num_classes", 0) or 0))
     extra: Dict[str, Any] = {"logits": torch.cat(kept).cpu()} if keep_logits else {}
     if keep_predictions:
-        extra.update(predictions=torch.cat(predicted).cpu(), indices=torch.cat(positions).cpu())
+        empty = torch.empty(0, dtype=torch.int64)
+        extra.update(predictions=torch.cat(predicted).cpu() if predicted else empty,
+                     indices=torch.cat(positions).cpu() if positions else empty)
     return {
         **extra,
         "top1": round(100.0 * top1 / n, 3),

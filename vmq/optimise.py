@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmq.distributed import Part
 from vmq.models.family import BlockIO, ModelFamily, io_batches, io_len, io_slice
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -38,17 +39,21 @@ LOSSES = {
 
 
 def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
-               batch_size: int) -> float:
+               batch_size: int, part: Optional[Part] = None) -> float:
     """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples.
 
-    The sum stays on the device (in float64) until the end: one host sync, not one per batch."""
+    The sum stays on the device (in float64) until the end: one host sync, not one per batch.
+    With ``part`` (``inputs`` are a process's shard of a set of ``part.total`` samples) the sums
+    of all processes are added: every process gets the loss over the whole set."""
     total, offset = torch.zeros((), dtype=torch.float64, device=target.device), 0
     with torch.no_grad():
-        for part in io_batches(inputs, batch_size):
-            out = family.block_output(family.run_block(block, part))
+        for chunk in io_batches(inputs, batch_size):
+            out = family.block_output(family.run_block(block, chunk))
             n = out.shape[0]
             total += loss_fn(out, target[offset:offset + n]).double() * n
             offset += n
+    if part is not None and part.dist.active:
+        return part.dist.sum(total).item() / part.total
     return total.item() / io_len(inputs)
 
 
@@ -81,14 +86,25 @@ class BlockTrainer:
     restored afterwards (and ``params`` left without gradients). Batches come from a local CPU
     generator seeded with ``seed``, so a run does not depend on global random state, and a run on
     a GPU takes the same batches as one on the CPU.
+
+    With ``part`` (``inputs`` are this process's shard of ``part.total`` samples, under
+    torch.distributed) every process draws the same global batch, computes the loss on the
+    samples of it that it holds, scaled by their share of the batch, and the gradients are summed
+    over processes before clipping and the step: the gradient of the whole batch's mean loss, as
+    in one process up to summation order; every process takes the same step. ``on_share(share)``
+    is called after a process's backward with its share of the batch (local / global samples),
+    for gradients whose scale depends on the batch size (LSQ's step-size gradient scale).
     """
 
     def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
-                 batch_size: int, seed: int, params: List[Tensor]):
+                 batch_size: int, seed: int, params: List[Tensor], part: Optional[Part] = None,
+                 on_share: Optional[Callable[[float], None]] = None):
         self.family, self.block, self.inputs, self.target = family, block, inputs, target
-        self.loss_fn, self.params = loss_fn, params
-        self.batches = batch_indices(io_len(inputs), batch_size, torch.Generator(device="cpu").manual_seed(seed),
-                                     target.device)
+        self.loss_fn, self.params, self.on_share = loss_fn, params, on_share
+        self.part = part if part is not None and part.dist.active else None
+        n = io_len(inputs) if self.part is None else self.part.total
+        self.batches = batch_indices(n, batch_size, torch.Generator(device="cpu").manual_seed(seed),
+                                     target.device if self.part is None else "cpu")
         self._saved = {}
 
     def __enter__(self) -> "BlockTrainer":
@@ -102,13 +118,27 @@ class BlockTrainer:
     def step(self, opt: torch.optim.Optimizer, grad_clip: Optional[float] = None) -> None:
         idx = next(self.batches)
         with torch.enable_grad():
-            out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, idx)))
-            loss = self.loss_fn(out, self.target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.part is None:
+                out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, idx)))
+                loss = self.loss_fn(out, self.target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                self._shard_backward(opt, idx)
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
             opt.step()
+
+    def _shard_backward(self, opt: torch.optim.Optimizer, idx: Tensor) -> None:
+        """This process's share of the batch ``idx`` (global, CPU), then the sum over processes."""
+        local = self.part.local(idx).to(self.target.device)
+        opt.zero_grad(set_to_none=True)
+        if local.numel():
+            out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, local)))
+            (self.loss_fn(out, self.target[local]) * (local.numel() / idx.numel())).backward()
+            if self.on_share is not None:
+                self.on_share(local.numel() / idx.numel())
+        self.part.dist.sum_grads(self.params)
 
     def __exit__(self, *exc) -> None:
         for p, flag in self._saved.items():

@@ -27,6 +27,7 @@ from vmq.calib import CalibStats, collect_stats
 from vmq.compress.engine import compress_model
 from vmq.compress.methods import Method, method_for
 from vmq.data import calibration_images, eval_loader
+from vmq.distributed import Dist, Part, shard_loader
 from vmq.env import check_device
 from vmq.errors import VmqError
 from vmq.evaluate import evaluate
@@ -43,7 +44,8 @@ Progress = Callable[[str, Optional[int]], ContextManager[Callable[..., None]]]
 
 
 @contextmanager
-def no_progress(description: str, total: Optional[int]) -> Iterator[Callable[..., None]]:
+def no_progress(description: str, total: Optional[int], unit: Optional[str] = None) -> Iterator[Callable[..., None]]:
+    """A :data:`Progress` that shows nothing (``unit``: what the counts count, for a rate)."""
     yield lambda *args: None
 
 
@@ -148,7 +150,7 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
              images: Optional[Tensor] = None, stats: Optional[CalibStats] = None, device: Optional[str] = None,
              overrides: Sequence[str] = (), evaluate_model: bool = True,
              progress: Progress = no_progress, max_memory: Union[str, int, None] = None,
-             offload_dir: Union[str, Path, None] = None) -> CompressResult:
+             offload_dir: Union[str, Path, None] = None, dist: Optional[Dist] = None) -> CompressResult:
     """Compress a model with a recipe; see the module docstring.
 
     ``model``: a registered model to compress in place (default: the recipe's ``model``);
@@ -159,7 +161,13 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     ``max_memory`` (bytes, or a size such as ``"8GB"``): the most bytes of block activations kept
     on ``device`` at once, the rest going to ``offload_dir`` (files, removed afterwards) or, on
     CUDA without it, to host memory (:mod:`vmq.activations`). Neither changes the result.
+    ``dist``: this process's place under torch.distributed (default: the initialised process group,
+    if any): every process passes the same arguments (``images``: the whole set) and works on its
+    shard of the calibration and eval images (:mod:`vmq.distributed`); all get the same model and
+    results, and only rank 0 (``dist.is_main``) should save. The budget is per process.
     """
+    dist = dist if dist is not None else Dist.current()
+    progress = progress if dist.is_main else no_progress
     recipe = read_recipe(recipe, overrides)
     stage_key = stage_of(recipe)
     method = method_for(stage_key, getattr(recipe, stage_key))
@@ -181,46 +189,50 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     given_stats = stats is not None
     if given_stats:
         stats.check(model)
-    source = "(given)"
+    source, cal = "(given)", recipe.calibration
+    part = Part.of(dist, cal.num_images if images is None else int(images.shape[0]), cal.batch_size)
     if images is None:
-        images, source = calibration_images(model, recipe.calibration.data, recipe.calibration.num_images)
+        images, source = calibration_images(model, cal.data, cal.num_images, slice(part.start, part.stop))
+    else:
+        images = images[part.start:part.stop]
     model.to(dev)
     with ActivationStore(dev, budget) as store:
         if stats is None:
             with progress("calibration statistics", len(family.blocks(model))) as update:
-                stats = collect_stats(model, images, recipe.calibration.batch_size, data=source,
-                                      on_block=lambda i, n: update(i, n), store=store)
-        fp = _evaluate(model, recipe, "floating point", progress) if evaluate_model else None
+                stats = collect_stats(model, images, cal.batch_size, data=source,
+                                      on_block=lambda i, n: update(i, n), store=store, dist=dist)
+        fp = _evaluate(model, recipe, "floating point", progress, dist) if evaluate_model else None
         t0 = time.perf_counter()
         with progress(f"{method.what.replace('quantized', 'quantizing')} blocks ({method.name})",
                       len(family.blocks(model))) as update:
-            reports = compress_model(model, method, images, stats, recipe.calibration.batch_size, recipe.seed,
-                                     on_block=lambda i, n, _p: update(i, n), store=store)
+            reports = compress_model(model, method, images, stats, cal.batch_size, recipe.seed,
+                                     on_block=lambda i, n, _p: update(i, n), store=store, part=part)
         seconds = time.perf_counter() - t0
-    q = _evaluate(model, recipe, method.what, progress) if evaluate_model else None
-    metrics = _comparison(recipe, fp, q, images, source, stats if given_stats else None)
+    q = _evaluate(model, recipe, method.what, progress, dist) if evaluate_model else None
+    metrics = _comparison(recipe, fp, q, part.total, source, stats if given_stats else None, dist)
     return CompressResult(model, recipe, method, reports, metrics, seconds,
                           {"total_seconds": time.perf_counter() - start}, store.report())
 
 
-def _evaluate(model: nn.Module, recipe: Recipe, what: str, progress: Progress) -> dict:
+def _evaluate(model: nn.Module, recipe: Recipe, what: str, progress: Progress, dist: Dist) -> dict:
     ev = recipe.eval
     loader, _, _ = eval_loader(model, ev.data, ev.batch_size, ev.limit)
+    loader = shard_loader(loader, dist)
     with progress(f"evaluating {what}", len(loader.dataset)) as update:
-        return evaluate(model, loader, on_batch=update, keep_logits=True)
+        return evaluate(model, loader, on_batch=update, keep_logits=True, dist=dist)
 
 
-def _comparison(recipe: Recipe, fp: Optional[dict], q: Optional[dict], images: Tensor, source: str,
-                stats: Optional[CalibStats]) -> Dict[str, Any]:
+def _comparison(recipe: Recipe, fp: Optional[dict], q: Optional[dict], num_images: int, source: str,
+                stats: Optional[CalibStats], dist: Dist) -> Dict[str, Any]:
     return {
         "fp_top1": None if fp is None else fp["top1"],
         "quant_top1": None if q is None else q["top1"],
         "fp_top5": None if fp is None else fp["top5"],
         "quant_top5": None if q is None else q["top5"],
         "eval_images": None if q is None else q["num_images"],
-        **({"top1_agreement": None, "logit_snr_db": None} if q is None else agreement(fp["logits"], q["logits"])),
+        **({"top1_agreement": None, "logit_snr_db": None} if q is None else agreement(fp["logits"], q["logits"], dist)),
         "eval_data": recipe.eval.data or "(shipped CIFAR-10 lossless test subset)",
-        "calibration_images": int(images.shape[0]),
+        "calibration_images": num_images,
         "calibration_data": source,
         "stats": None if stats is None else {k: stats.meta.get(k) for k in ("data", "num_images", "weights_sha256")},
         "warnings": [RANDOM_WEIGHTS_WARNING] if recipe.model.checkpoint == RANDOM_WEIGHTS else [],

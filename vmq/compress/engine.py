@@ -15,6 +15,11 @@ method says what happens to the layers. Everything runs on the model's device (o
 fp32, :func:`vmq.runtime.ieee_float32`, so that a GPU run follows a CPU run to fp32 rounding).
 One block's activations are held at a time, where ``store`` (:class:`vmq.activations.ActivationStore`)
 places them: on the device within a memory budget, past it in host memory or offload files.
+
+Under torch.distributed (``part``), ``images`` are this process's shard of the calibration set:
+every block's inputs and outputs stay sharded, the methods reduce what they measure
+(:class:`~vmq.compress.methods.base.BlockJob`), and each compressed block's state is then
+broadcast from rank 0, so that every process goes on with the very same weights.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 from vmq.activations import ActivationStore, io_all_finite
 from vmq.calib import CalibStats
 from vmq.compress.methods.base import BlockJob, Method
+from vmq.distributed import Part
 from vmq.errors import VmqError
 from vmq.metrics import snr_db
 from vmq.models.family import family_of
@@ -39,10 +45,12 @@ SNR_IMAGES = 32
 
 def compress_model(model: nn.Module, method: Method, images: Tensor, stats: CalibStats, batch_size: int = 32,
                    seed: int = 0, on_block: Optional[Callable[[int, int, str], None]] = None,
-                   store: Optional[ActivationStore] = None) -> List[Any]:
+                   store: Optional[ActivationStore] = None, part: Optional[Part] = None) -> List[Any]:
     """Compress ``model`` in place (its target layers become runtime layers); per-layer reports.
 
-    ``store``: where the block activations are kept (default: all on the model's device)."""
+    ``store``: where the block activations are kept (default: all on the model's device);
+    ``part``: which images of the calibration set ``images`` are (default: all of them)."""
+    part = part if part is not None else Part.whole(int(images.shape[0]))
     family = family_of(model)
     targets = method.targets(model, family)
     missing = [t for t in targets if t not in stats.layers]
@@ -63,11 +71,13 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
             fp_out = store.run(family, block, fp_io, batch_size)
             fp_io = None  # (drops the floating-point inputs unless they are also the compressed ones)
             if names:
-                job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i, store)
+                job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i, store,
+                               part)
                 reports.extend(_compress_block(method, job))
                 del job
+                part.dist.broadcast_tensors(list(block.state_dict().values()))
             q_io = store.run(family, block, q_io, batch_size) if names or not same else fp_out
-            if not io_all_finite(q_io):
+            if not part.dist.all_true(io_all_finite(q_io)):
                 raise VmqError(f"{method.what} block {i} produced NaN or Inf")
             fp_io = fp_out
             del fp_out

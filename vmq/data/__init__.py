@@ -309,11 +309,13 @@ def _evenly_spaced(n: int, k: int) -> List[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
-def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num_images: int) -> Tuple[Tensor, str]:
+def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num_images: int,
+                       shard: Optional[slice] = None) -> Tuple[Tensor, str]:
     """``num_images`` calibration images (N, 3, H, W) with ``model``'s eval transform, and their source.
 
     With no folder, the shipped calibration set is used, which exists only for the reference
     model. Images are taken evenly spaced over the (class-sorted) set, so every class is seen.
+    ``shard``: only those of the ``num_images`` (a process's share under torch.distributed).
     """
     transform, _ = eval_transform(model)
     if data is None:
@@ -326,5 +328,5 @@ def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num
         source = str(ds.root)
     if len(ds) < num_images:
         raise VmqError(f"calibration asks for {num_images} images but {source} holds only {len(ds)}")
-    images = torch.stack([ds[i][0] for i in _evenly_spaced(len(ds), num_images)])
+    images = torch.stack([ds[i][0] for i in _evenly_spaced(len(ds), num_images)[shard or slice(None)]])
     return images, source

@@ -11,11 +11,12 @@ share of iterations tunes the codebooks alone with these codes.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from vmq.distributed import Part
 from vmq.models.family import BlockIO, ModelFamily
 from vmq.optimise import LOSSES, BlockTrainer, block_loss
 from vmq.vq.convex import ConvexVQLinear, learnable
@@ -40,14 +41,19 @@ def confirm(layers: Dict[str, ConvexVQLinear], fraction: float) -> None:
 
 
 def search_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor,
-                 layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float], seed: int = 0) -> float:
-    """Run the staged search in place; returns the block loss with the k-means codes (before it)."""
+                 layers: Dict[str, ConvexVQLinear], cfg: Search, schedule: List[float], seed: int = 0,
+                 part: Optional[Part] = None) -> float:
+    """Run the staged search in place; returns the block loss with the k-means codes (before it).
+
+    ``part``: ``inputs`` are this process's shard (torch.distributed); the loss and the gradients
+    are over the whole set (:class:`vmq.optimise.BlockTrainer`)."""
     loss_fn = LOSSES[cfg.loss]
-    before = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size)
+    before = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part)
     for q in layers.values():
         q.start_search(cfg.candidates)
     logits, codebooks = learnable(layers)
-    with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, logits + codebooks) as trainer:
+    with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, logits + codebooks,
+                     part) as trainer:
         opt = torch.optim.Adam([{"params": logits, "lr": cfg.lr_logits},
                                 {"params": codebooks, "lr": cfg.lr_codebook}])
         for stage, steps in enumerate(stage_lengths(cfg.iterations, len(schedule) + 1)):

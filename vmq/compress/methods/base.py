@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from vmq.activations import ActivationStore
 from vmq.calib import CalibStats, LayerStats, observe_inputs
+from vmq.distributed import Part
 from vmq.errors import VmqError
-from vmq.models.family import BlockIO, ModelFamily
+from vmq.models.family import BlockIO, ModelFamily, io_len, io_slice
 from vmq.modules import set_module
 from vmq.targets import resolve_targets
+
 
 @dataclass
 class BlockJob:
@@ -38,18 +40,32 @@ class BlockJob:
     batch_size: int
     seed: int
     store: Optional[ActivationStore] = None  # where block activations are kept (None: the block's device)
+    #: which samples of the calibration set ``q_io`` and ``fp_out`` hold (a shard under
+    #: torch.distributed: losses, gradients and observed inputs then cover every process's)
+    part: Optional[Part] = None
     target: Tensor = field(init=False)  # what block losses compare with; a method may change it
 
     def __post_init__(self) -> None:
         self.target = self.family.block_output(self.fp_out)
+        if self.part is None:
+            self.part = Part.whole(io_len(self.q_io))
 
     def layer_stats(self, name: str) -> LayerStats:
         """The calibration statistics of layer ``name``, on the block's device."""
         return self.stats.layers[self.prefix + name].to(self.target.device)
 
     def observe(self, names: List[str], num_samples: int) -> Dict[str, Tensor]:
-        """The inputs layers ``names`` see on the first ``num_samples`` of the block's inputs."""
-        return observe_inputs(self.family, self.block, names, self.q_io, num_samples, self.batch_size, self.prefix)
+        """The inputs layers ``names`` see on the first ``num_samples`` of the block's inputs (of the
+        whole set: under torch.distributed each process runs the ones it holds, and all get all)."""
+        if not self.part.dist.active:
+            return observe_inputs(self.family, self.block, names, self.q_io, num_samples, self.batch_size,
+                                  self.prefix)
+        head = self.part.head(num_samples)
+        seen = {}
+        if head.stop > 0:
+            seen = observe_inputs(self.family, self.block, names, io_slice(self.q_io, head), head.stop,
+                                  self.batch_size, self.prefix)
+        return {name: self.part.dist.gather_cat(seen.get(name), self.target.device) for name in names}
 
     def run(self, io: BlockIO) -> BlockIO:
         """The block's outputs on all of ``io``, kept where the store places them."""

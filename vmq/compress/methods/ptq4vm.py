@@ -19,5 +19,6 @@ class PTQ4VM(TruncatingMethod):
         return super().prepare(job)
 
     def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
-        before, after = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed)
+        before, after = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed,
+                                    job.part)
         return {"loss_before": before, "loss_after": after}

@@ -117,7 +117,7 @@ class VectorMethod(Method):
     def finish(self, job: BlockJob, layers, frozen, info: Dict[str, Any]) -> None:
         if info.get("loss_kmeans") is not None:
             info["loss_final"] = block_loss(job.family, job.block, job.q_io, job.target,
-                                            LOSSES[self.stage.search.loss], self.stage.search.batch_size)
+                                            LOSSES[self.stage.search.loss], self.stage.search.batch_size, job.part)
         info["block_weights"] = sum(f.out_features * f.in_features for f in frozen.values())
 
     def report(self, job: BlockJob, name: str, layer, frozen, snr: float, info: Dict[str, Any]) -> VQLayerReport:

@@ -23,5 +23,5 @@ class ViMVQ(VectorMethod):
 
     def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
         before = search_block(job.family, job.block, job.q_io, job.target, layers, self.stage.search,
-                              self.stage.confirm.schedule, job.seed)
+                              self.stage.confirm.schedule, job.seed, job.part)
         return {"loss_kmeans": before}
