@@ -9,6 +9,12 @@ import click
 from vmq_cli._options import memory_options, threads_option
 
 
+resume_option = click.option(
+    "--resume", is_flag=True,
+    help="Continue an interrupted run from the per-block progress kept beside the output (<out>.progress/); "
+         "refused when that was made with another recipe, model or calibration set.")
+
+
 def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Callable:
     """The options ``vmq quantize`` and ``vmq vq`` share (recipe, overrides, output, stats, device, eval, JSON,
     memory budget)."""
@@ -25,6 +31,7 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
                      help="Where calibration and compression run (default: the recipe's `device`, cpu)."),
         click.option("--no-eval", is_flag=True, help="Skip the floating-point and quantized evaluation."),
         threads_option,
+        resume_option,
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]
 
@@ -40,16 +47,19 @@ def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Ca
 def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: Optional[str],
         stats_path: Optional[str], device: Optional[str], no_eval: bool,
         default_out: Callable[[str, Any], str], max_memory: Optional[str] = None,
-        offload_dir: Optional[str] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        offload_dir: Optional[str] = None, resume: bool = False) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """Check everything that can fail before the work, compress, write; returns (result, results dict).
 
     Under torchrun each process compresses on its shard of the images (:mod:`vmq.distributed`);
-    rank 0 alone checks and writes the output and gets the results dict, the others None."""
+    rank 0 alone checks and writes the output and gets the results dict, the others None. One
+    process keeps per-block progress beside the output (``<out>.progress/``) for ``--resume``."""
     from vmq.calib import CalibStats
     from vmq.compress.api import compress, load_model, read_recipe, recipe_path_for, resolve_device
     from vmq.compress.methods import method_for
     from vmq.distributed import launch
+    from vmq.errors import UsageError
     from vmq.fileio import check_output_path
+    from vmq.progress import progress_path_for, refuse_unasked
     from vmq_cli import _console as console
     from vmq_cli._options import check_memory
 
@@ -57,12 +67,18 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     method = method_for(kind, getattr(recipe, kind), str(recipe_path or "recipe"))
     with launch(device or recipe.device) as (dist, device):
         budget = check_memory(max_memory, offload_dir, resolve_device(device, recipe))
+        if dist.active and resume:
+            raise UsageError("--resume is for one process: progress is not kept under torchrun")
         model = load_model(recipe.model.name, recipe.model.checkpoint)
         out = out or default_out(model.vmq_name, method)
         dist.check_on_main(lambda: (check_output_path(out), check_output_path(recipe_path_for(out))))
+        progress_dir = None if dist.active else progress_path_for(out)
+        if progress_dir is not None:
+            refuse_unasked(progress_dir, resume)
         stats = CalibStats.load(stats_path) if stats_path is not None else None
         result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress,
-                          max_memory=budget.max_bytes, offload_dir=budget.offload_dir, dist=dist)
+                          max_memory=budget.max_bytes, offload_dir=budget.offload_dir, dist=dist,
+                          progress_dir=progress_dir, resume=resume)
     if not dist.is_main:
         return result, None
     results = result.results()
@@ -118,4 +134,4 @@ def summary_rows(results: Dict[str, Any], seconds_key: str, label: str) -> List[
                    ["recipe", results["recipe_out"]]]
 
 
-__all__ = ["compress_options", "run", "layer_cells", "summary_rows"]
+__all__ = ["compress_options", "resume_option", "run", "layer_cells", "summary_rows"]

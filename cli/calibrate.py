@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from vmq_cli._options import check_device, check_memory, device_option, memory_options, model_options, threads_option
+from vmq_cli._options import (check_device, check_memory, device_option, memory_options, model_options,
+                              threads_option)
 
 
 @click.command("calibrate")
@@ -18,8 +19,12 @@ from vmq_cli._options import check_device, check_memory, device_option, memory_o
 @device_option
 @threads_option
 @memory_options
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the per-block progress kept beside the output "
+                   "(<out>.progress/); refused when that was made with another model or calibration set.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(model_name, checkpoint, data, num_images, batch_size, out, device, max_memory, offload_dir, as_json):
+def command(model_name, checkpoint, data, num_images, batch_size, out, device, max_memory, offload_dir, resume,
+            as_json):
     """Record per-layer input statistics of a model for `vmq quantize --stats`.
 
     For every linear layer inside the blocks: min and max per (token, channel) and the
@@ -38,12 +43,19 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, m
     from vmq.compress.api import load_model, no_progress
     from vmq.data import calibration_images
     from vmq.distributed import Part, launch
+    from vmq.errors import UsageError
     from vmq.fileio import check_output_path
     from vmq.models import family_of
+    from vmq.progress import progress_path_for, refuse_unasked
 
     start = time.perf_counter()
     with launch(device) as (dist, device):
+        if dist.active and resume:
+            raise UsageError("--resume is for one process: progress is not kept under torchrun")
         dist.check_on_main(lambda: check_output_path(out))
+        progress_dir = None if dist.active else progress_path_for(out)
+        if progress_dir is not None:
+            refuse_unasked(progress_dir, resume)
         model = load_model(model_name, checkpoint).to(device)
         part = Part.of(dist, num_images, batch_size)
         images, source = calibration_images(model, data, num_images, slice(part.start, part.stop))
@@ -51,7 +63,7 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, m
         with progress("calibrating blocks", len(family_of(model).blocks(model))) as update, \
                 ActivationStore(device, budget) as store:
             stats = collect_stats(model, images, batch_size, data=source, on_block=lambda i, n: update(i, n),
-                                  store=store, dist=dist)
+                                  store=store, dist=dist, progress_dir=progress_dir, resume=resume)
     if not dist.is_main:  # rank 0 writes and prints
         return
     stats.save(out)

@@ -10,7 +10,7 @@ from vmq_cli._compress import compress_options
 @click.command("quantize")
 @compress_options("YAML recipe (see configs/); default: PTQ4VM W8A8 on the reference model.",
                   "quantization.scheme=W4A8", "<model>-<scheme>-<method>.safetensors")
-def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, max_memory, offload_dir):
+def command(recipe_path, overrides, out, stats_path, device, no_eval, resume, as_json, max_memory, offload_dir):
     """Quantize a model with a recipe and write one packed .safetensors file.
 
     Prints a per-layer table (bits, granularity, smoothing, output SNR against floating point)
@@ -22,7 +22,7 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, m
 
     result, results = run("quantization", recipe_path, overrides, out, stats_path, device, no_eval,
                           lambda name, method: f"{name}-{method.label().lower()}-{method.name}.safetensors",
-                          max_memory=max_memory, offload_dir=offload_dir)
+                          max_memory=max_memory, offload_dir=offload_dir, resume=resume)
     if results is None:  # not rank 0 under torchrun: rank 0 prints
         return
     if as_json:

@@ -10,7 +10,7 @@ from vmq_cli._compress import compress_options
 @click.command("vq")
 @compress_options("YAML recipe (see configs/vq-*.yaml); default: ViM-VQ, d=2 K=16 (2 bits) on the reference model.",
                   "vq.codebook.size=64", "<model>-vq-<label>-<method>.safetensors")
-def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, max_memory, offload_dir):
+def command(recipe_path, overrides, out, stats_path, device, no_eval, resume, as_json, max_memory, offload_dir):
     """Vector-quantize a model's weights with a recipe and write one packed .safetensors file.
 
     Prints a per-layer table (codebook, bits per weight with and without the codebook
@@ -23,7 +23,7 @@ def command(recipe_path, overrides, out, stats_path, device, no_eval, as_json, m
 
     result, results = run("vq", recipe_path, overrides, out, stats_path, device, no_eval,
                           lambda name, method: f"{name}-vq-{method.label()}-{method.name}.safetensors",
-                          max_memory=max_memory, offload_dir=offload_dir)
+                          max_memory=max_memory, offload_dir=offload_dir, resume=resume)
     if results is None:  # not rank 0 under torchrun: rank 0 prints
         return
     if as_json:

@@ -13,7 +13,6 @@ hash of its weights) that ``vmq quantize --stats`` reuses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from vmq.errors import VmqError
 from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
 from vmq.modules import linear_names
+from vmq.progress import ProgressStore, tensor_sha256
 from vmq.runtime import ieee_float32
 from vmq.safefile import SafeHeader, read_header
 
@@ -146,12 +146,7 @@ class LinearObserver:
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the names, shapes, dtypes and bytes of ``model``'s state dict."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensor_sha256(sorted(model.state_dict().items()))
 
 
 @dataclass
@@ -159,8 +154,11 @@ class CalibStats:
     layers: Dict[str, LayerStats]
     meta: dict
     source: str = "stats"  # what error messages call it (the file it was loaded from)
+    #: the progress kept while collecting (:func:`collect_stats` ``progress_dir``); removed by :meth:`save`
+    progress: Optional[ProgressStore] = field(default=None, repr=False, compare=False)
 
     def save(self, path: Union[str, Path]) -> None:
+        """Write the stats file atomically (then remove the progress kept while collecting them)."""
         tensors = {}
         for name, st in self.layers.items():
             tensors[f"{name}.min"], tensors[f"{name}.max"] = st.min.cpu().contiguous(), st.max.cpu().contiguous()
@@ -168,6 +166,9 @@ class CalibStats:
         meta = dict(self.meta, counts={n: st.count for n, st in self.layers.items()})
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"vmq": json.dumps(meta, sort_keys=True)})
+        if self.progress is not None:
+            self.progress.remove()
+            self.progress = None
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "CalibStats":
@@ -233,7 +234,8 @@ def _config_dict(model: nn.Module) -> dict:
 @torch.no_grad()
 def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: str = "",
                   on_block: Optional[Callable[[int, int], None]] = None,
-                  store: Optional[ActivationStore] = None, dist: Dist = SINGLE) -> CalibStats:
+                  store: Optional[ActivationStore] = None, dist: Dist = SINGLE,
+                  progress_dir: Union[str, Path, None] = None, resume: bool = False) -> CalibStats:
     """Run the floating-point ``model`` block by block and record every block linear layer's input stats.
 
     The images are moved to the model's device a batch at a time; one block's inputs and outputs
@@ -241,7 +243,12 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
     statistics stay on the device (``save`` writes them from the CPU). On CUDA in full fp32
     (:func:`vmq.runtime.ieee_float32`), like the CPU. Under torch.distributed (``dist``),
     ``images`` are this process's shard (at least one image) and every process gets the
-    statistics of all of them (:meth:`LayerStats.reduce`)."""
+    statistics of all of them (:meth:`LayerStats.reduce`).
+
+    ``progress_dir``: keep each finished block's stats there (:mod:`vmq.progress`); with
+    ``resume``, take the blocks recorded there (made with this model, these images and this batch
+    size, else refused) and run them forward only. The returned stats' ``save`` removes the folder.
+    Not under torch.distributed (refused)."""
     if not torch.isfinite(images).all():
         raise VmqError("calibration images hold NaN or Inf")
     family = family_of(model)
@@ -249,14 +256,29 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
     store = store if store is not None else ActivationStore(device)
     layers: Dict[str, LayerStats] = {}
     blocks = family.blocks(model)
+    fingerprint = model_fingerprint(model)
+    progress = None
+    if progress_dir is not None:
+        if dist.active:
+            raise VmqError("progress and --resume are for one process; under torchrun they are not kept")
+        progress = ProgressStore.open(progress_dir, {
+            "command": "calibrate", "settings": {"num_images": int(images.shape[0]), "batch_size": batch_size},
+            "model_sha256": fingerprint, "images_sha256": tensor_sha256([("images", images)]),
+            "blocks": len(blocks)}, resume)
     with ieee_float32(device):
         io = store.embed(family, model, images, batch_size)
         for i, (prefix, block) in enumerate(blocks):
-            with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
+            if progress is not None and i < progress.done:  # recorded before an interruption
+                layers.update(_stats_from_record(*progress.load_block(i), device))
                 io = store.run(family, block, io, batch_size)
-            reduced = {name: obs.stats[name].reduce(dist) for name in sorted(obs.stats)}  # one order on all ranks
-            for name in obs.stats:
-                layers[prefix + name] = reduced[name]
+            else:
+                with LinearObserver(block, linear_names(block), prefix=prefix) as obs:
+                    io = store.run(family, block, io, batch_size)
+                # reduced over processes, in one order on all ranks
+                found = {prefix + name: obs.stats[name].reduce(dist) for name in sorted(obs.stats)}
+                layers.update(found)
+                if progress is not None:
+                    progress.save_block(i, *_stats_record(found))
             if on_block is not None:
                 on_block(i + 1, len(blocks))
     meta = {
@@ -265,9 +287,27 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
         "model": getattr(model, "vmq_name", None),
         "family": family.name,
         "config": family.config_to_dict(family.config_of(model)),
-        "weights_sha256": model_fingerprint(model),
+        "weights_sha256": fingerprint,
         "num_images": dist.sum_int(int(images.shape[0])),
         "image_size": list(images.shape[-2:]),
         "data": data,
     }
-    return CalibStats(layers, meta)
+    return CalibStats(layers, meta, progress=progress)
+
+
+def _stats_record(layers: Dict[str, LayerStats]) -> Tuple[Dict[str, Tensor], dict]:
+    """One block's stats as progress tensors and metadata (:meth:`ProgressStore.save_block`)."""
+    tensors = {}
+    for name, st in layers.items():
+        tensors[f"{name}.min"], tensors[f"{name}.max"], tensors[f"{name}.sq_sum"] = st.min, st.max, st.sq_sum
+    return tensors, {"names": list(layers), "counts": {name: st.count for name, st in layers.items()}}
+
+
+def _stats_from_record(tensors: Dict[str, Tensor], meta: dict, device: torch.device) -> Dict[str, LayerStats]:
+    try:
+        return {name: LayerStats(tensors[f"{name}.min"].to(device), tensors[f"{name}.max"].to(device),
+                                 tensors[f"{name}.sq_sum"].to(device), int(meta["counts"][name]))
+                for name in meta["names"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VmqError(f"broken calibration progress record (missing {exc}); remove the progress folder to "
+                       "start over") from None

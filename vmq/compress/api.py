@@ -5,6 +5,9 @@
     result.results()                                     # accuracy, agreement, per-layer reports
     result.save("w4a8.safetensors")                      # packed file + resolved recipe beside it
 
+    # killed midway and called again: the finished blocks come from the progress folder
+    result = vmq.compress("configs/w4a8.yaml", progress_dir="w4a8.safetensors.progress", resume=True)
+
 The recipe's stage (``quantization:`` or ``vq:``) picks a registered method
 (:mod:`vmq.compress.methods`). Model, calibration images and calibration statistics come from
 the recipe unless given; the device is ``device``, else the recipe's. Grad mode and random
@@ -26,6 +29,7 @@ from vmq.activations import ActivationStore, MemoryBudget
 from vmq.calib import CalibStats, collect_stats
 from vmq.compress.engine import compress_model
 from vmq.compress.methods import Method, method_for
+from vmq.compress.resume import compress_identity
 from vmq.data import calibration_images, eval_loader
 from vmq.distributed import Dist, Part, shard_loader
 from vmq.env import check_device
@@ -35,6 +39,7 @@ from vmq.fileio import atomic_path
 from vmq.metrics import agreement
 from vmq.models import canonical_name, config_for, create_model, family_of, reference_models
 from vmq.pack.format import is_packed, save_packed
+from vmq.progress import ProgressStore
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, read_recipe_yaml
 from vmq.vq.recipe import VQRecipe
@@ -125,6 +130,8 @@ class CompressResult:
     seconds: float  # the compression itself
     timings: Dict[str, float] = field(default_factory=dict)
     activations: Dict[str, Optional[int]] = field(default_factory=dict)  # where block activations were kept
+    #: the per-block progress kept while compressing (``progress_dir``); :meth:`save` removes it
+    progress: Optional[ProgressStore] = field(default=None, repr=False)
 
     def results(self) -> Dict[str, Any]:
         """JSON-ready results: what the packed file records (no timings: same inputs, same bytes)."""
@@ -133,11 +140,14 @@ class CompressResult:
 
     def save(self, path: Union[str, Path], recipe_path: Union[str, Path, None] = None) -> Dict[str, Any]:
         """Write the packed file and the resolved recipe (default ``<name>.recipe.yaml`` beside it),
-        atomically; returns the file facts."""
+        atomically, then remove the progress folder of the run; returns the file facts."""
         recipe_path = Path(recipe_path) if recipe_path is not None else recipe_path_for(path)
         with atomic_path(recipe_path) as tmp_recipe:
             tmp_recipe.write_text(dump_recipe(self.recipe), encoding="utf-8")
             save_packed(self.model, path, self.recipe.model_dump(mode="json"), self.results())
+        if self.progress is not None:
+            self.progress.remove()
+            self.progress = None
         return {"out": str(path), "recipe_out": str(recipe_path), "file_bytes": Path(path).stat().st_size}
 
 
@@ -150,7 +160,8 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
              images: Optional[Tensor] = None, stats: Optional[CalibStats] = None, device: Optional[str] = None,
              overrides: Sequence[str] = (), evaluate_model: bool = True,
              progress: Progress = no_progress, max_memory: Union[str, int, None] = None,
-             offload_dir: Union[str, Path, None] = None, dist: Optional[Dist] = None) -> CompressResult:
+             offload_dir: Union[str, Path, None] = None, dist: Optional[Dist] = None,
+             progress_dir: Union[str, Path, None] = None, resume: bool = False) -> CompressResult:
     """Compress a model with a recipe; see the module docstring.
 
     ``model``: a registered model to compress in place (default: the recipe's ``model``);
@@ -165,6 +176,10 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     if any): every process passes the same arguments (``images``: the whole set) and works on its
     shard of the calibration and eval images (:mod:`vmq.distributed`); all get the same model and
     results, and only rank 0 (``dist.is_main``) should save. The budget is per process.
+    ``progress_dir``: keep each finished block there (:mod:`vmq.progress`; ``save`` removes it);
+    ``resume``: continue from what it holds (made with this recipe, model, calibration images and
+    given stats, else refused). Without ``resume`` an existing ``progress_dir`` is refused. One
+    process only: refused under torch.distributed.
     """
     dist = dist if dist is not None else Dist.current()
     progress = progress if dist.is_main else no_progress
@@ -195,6 +210,13 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
         images, source = calibration_images(model, cal.data, cal.num_images, slice(part.start, part.stop))
     else:
         images = images[part.start:part.stop]
+    kept = None
+    if progress_dir is not None:
+        if dist.active:
+            raise VmqError("progress and --resume are for one process; under torchrun they are not kept")
+        command = "quantize" if stage_key == "quantization" else "vq"
+        kept = ProgressStore.open(progress_dir, compress_identity(command, recipe, model, images, stats,
+                                                                  len(family.blocks(model))), resume)
     model.to(dev)
     with ActivationStore(dev, budget) as store:
         if stats is None:
@@ -206,12 +228,13 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
         with progress(f"{method.what.replace('quantized', 'quantizing')} blocks ({method.name})",
                       len(family.blocks(model))) as update:
             reports = compress_model(model, method, images, stats, cal.batch_size, recipe.seed,
-                                     on_block=lambda i, n, _p: update(i, n), store=store, part=part)
+                                     on_block=lambda i, n, _p: update(i, n), store=store, part=part,
+                                     progress=kept)
         seconds = time.perf_counter() - t0
     q = _evaluate(model, recipe, method.what, progress, dist) if evaluate_model else None
     metrics = _comparison(recipe, fp, q, part.total, source, stats if given_stats else None, dist)
     return CompressResult(model, recipe, method, reports, metrics, seconds,
-                          {"total_seconds": time.perf_counter() - start}, store.report())
+                          {"total_seconds": time.perf_counter() - start}, store.report(), kept)
 
 
 def _evaluate(model: nn.Module, recipe: Recipe, what: str, progress: Progress, dist: Dist) -> dict:

@@ -8,7 +8,9 @@ For each block, in order:
 3. the layers freeze into runtime layers (:mod:`vmq.layers`), and each layer's output SNR
    against its floating-point output is measured on what the compressed model feeds it;
 4. the method finishes the block (e.g. folds smoothing scales) and reports per layer;
-5. the compressed block runs on the compressed inputs, giving the next block's inputs.
+5. the compressed block runs on the compressed inputs, giving the next block's inputs;
+6. with a progress store (:mod:`vmq.progress`), the block is recorded (:mod:`vmq.compress.resume`).
+   A resumed run rebuilds the recorded blocks instead of steps 2-4, and runs them as in step 5.
 
 The model's family (:mod:`vmq.models.family`) says what the blocks are and how they run; the
 method says what happens to the layers. Everything runs on the model's device (on CUDA in full
@@ -34,10 +36,12 @@ from torch import Tensor, nn
 from vmq.activations import ActivationStore, io_all_finite
 from vmq.calib import CalibStats
 from vmq.compress.methods.base import BlockJob, Method
+from vmq.compress.resume import block_record, restore_block
 from vmq.distributed import Part
 from vmq.errors import VmqError
 from vmq.metrics import snr_db
 from vmq.models.family import family_of
+from vmq.progress import ProgressStore
 from vmq.runtime import ieee_float32
 
 SNR_IMAGES = 32
@@ -45,11 +49,14 @@ SNR_IMAGES = 32
 
 def compress_model(model: nn.Module, method: Method, images: Tensor, stats: CalibStats, batch_size: int = 32,
                    seed: int = 0, on_block: Optional[Callable[[int, int, str], None]] = None,
-                   store: Optional[ActivationStore] = None, part: Optional[Part] = None) -> List[Any]:
+                   store: Optional[ActivationStore] = None, part: Optional[Part] = None,
+                   progress: Optional[ProgressStore] = None) -> List[Any]:
     """Compress ``model`` in place (its target layers become runtime layers); per-layer reports.
 
     ``store``: where the block activations are kept (default: all on the model's device);
-    ``part``: which images of the calibration set ``images`` are (default: all of them)."""
+    ``part``: which images of the calibration set ``images`` are (default: all of them);
+    ``progress``: record each finished block there (rank 0 alone under torch.distributed), and
+    take the blocks it already holds."""
     part = part if part is not None else Part.whole(int(images.shape[0]))
     family = family_of(model)
     targets = method.targets(model, family)
@@ -65,20 +72,27 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
         fp_io = store.embed(family, model, images, batch_size)
         q_io = fp_io
         blocks = family.blocks(model)
+        done = progress.done if progress is not None else 0
         for i, (prefix, block) in enumerate(blocks):
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
             same = q_io is fp_io
             fp_out = store.run(family, block, fp_io, batch_size)
             fp_io = None  # (drops the floating-point inputs unless they are also the compressed ones)
-            if names:
+            block_reports: List[Any] = []
+            if i < done:  # finished before an interruption
+                block_reports = restore_block(block, *progress.load_block(i), method, f"{progress.folder} block {i}")
+            elif names:
                 job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i, store,
                                part)
-                reports.extend(_compress_block(method, job))
+                block_reports = _compress_block(method, job)
                 del job
                 part.dist.broadcast_tensors(list(block.state_dict().values()))
+            reports.extend(block_reports)
             q_io = store.run(family, block, q_io, batch_size) if names or not same else fp_out
             if not part.dist.all_true(io_all_finite(q_io)):
                 raise VmqError(f"{method.what} block {i} produced NaN or Inf")
+            if progress is not None and i >= done and part.dist.is_main:
+                progress.save_block(i, *block_record(block, block_reports))
             fp_io = fp_out
             del fp_out
             if on_block is not None:

@@ -109,6 +109,8 @@ class Method:
     #: the one-direction scan (vmq.ops.scan.one_direction_scan) the model runs while this method
     #: works; None keeps the model's inference scan
     scan: ClassVar[Optional[str]] = None
+    #: the dataclass :meth:`report` returns (a resumed run rebuilds recorded reports from their fields)
+    report_type: ClassVar[type]
 
     def __init__(self, stage: Any):
         self.stage = stage

@@ -49,6 +49,7 @@ class UniformMethod(Method):
     stage_key = "quantization"
     what = "quantized"
     timing_key = "quantize_seconds"
+    report_type = LayerReport
     needs_activations = True  # methods that smooth move activation scales into the weights
 
     stage: QuantizationStage

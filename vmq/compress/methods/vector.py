@@ -54,6 +54,7 @@ class VectorMethod(Method):
     stage_key = "vq"
     what = "vector-quantized"
     timing_key = "vq_seconds"
+    report_type = VQLayerReport
 
     stage: VQStage
 

@@ -1,0 +1,92 @@
+"""Compression progress, block by block: what the engine records of a finished block and how it
+comes back on ``--resume`` (the folder itself is :mod:`vmq.progress`).
+
+A finished block is recorded whole: each runtime layer as its kind, spec and packed tensors (as in
+the packed file, :mod:`vmq.pack.format`), every other tensor of the block under its own name (so
+that what a method changed outside its targets, such as smoothing folded into a norm, comes back
+too), and the block's per-layer reports. A resumed run rebuilds the recorded blocks from this,
+then runs them forward on the calibration images to get the next block's inputs: the same
+batches in the same order as the interrupted run, hence the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from vmq.calib import CalibStats, model_fingerprint
+from vmq.compress.methods.base import Method
+from vmq.errors import VmqError
+from vmq.layers import KINDS, runtime_layers
+from vmq.modules import set_module
+from vmq.progress import tensor_sha256
+from vmq.recipe import Recipe
+
+#: recipe keys that do not change the compressed model (``eval``), or whose contents the identity
+#: hashes instead of their paths (``model.checkpoint``: the weights; ``calibration.data``: the images)
+NOT_IN_IDENTITY = (("eval",), ("model", "checkpoint"), ("calibration", "data"))
+
+
+def compress_identity(command: str, recipe: Recipe, model: nn.Module, images: Tensor,
+                      given_stats: Optional[CalibStats], blocks: int) -> Dict[str, Any]:
+    """What a compression run depends on, for :meth:`vmq.progress.ProgressStore.open`."""
+    settings = recipe.model_dump(mode="json")
+    for path in NOT_IN_IDENTITY:
+        node = settings
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    stats = None
+    if given_stats is not None:
+        stats = tensor_sha256((f"{name}.{what}", getattr(st, what)) for name, st in sorted(given_stats.layers.items())
+                              for what in ("min", "max", "sq_sum"))
+    return {"command": command, "settings": settings, "model_sha256": model_fingerprint(model),
+            "images_sha256": tensor_sha256([("images", images)]), "stats_sha256": stats, "blocks": blocks}
+
+
+def block_record(block: nn.Module, reports: List[Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """A compressed block as progress tensors and JSON-ready metadata (its reports included)."""
+    layers = dict(runtime_layers(block))
+    inside = tuple(f"{name}." for name in layers)
+    tensors = {k: v for k, v in block.state_dict().items() if not k.startswith(inside)}
+    specs = {}
+    for name, q in layers.items():
+        tensors.update({f"{name}.{key}": t for key, t in q.packed_tensors().items()})
+        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
+        specs[name] = {"kind": q.kind, **q.spec()}
+    return tensors, {"layers": specs, "reports": [dataclasses.asdict(r) for r in reports]}
+
+
+def restore_block(block: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, Any], method: Method,
+                  where: str) -> List[Any]:
+    """Make ``block`` (floating point, as built) what :func:`block_record` recorded; its reports.
+
+    ``where`` names the record in error messages."""
+    device = next(block.parameters()).device
+    try:
+        specs = dict(meta["layers"])
+        for name, spec in specs.items():
+            prefix = f"{name}."
+            local = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            shape = tuple(int(v) for v in local.pop("weight_shape").tolist())
+            set_module(block, name, KINDS[spec["kind"]].from_packed(spec, local, shape).to(device))
+        reports = [method.report_type(**fields) for fields in meta["reports"]]
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise VmqError(f"{where}: broken progress record ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    try:
+        result = block.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise VmqError(f"{where}: the recorded tensors do not fit the block: "
+                       f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    inside = tuple(f"{name}." for name in specs)
+    missing = [k for k in result.missing_keys if not k.startswith(inside)]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise VmqError(f"{where}: the recorded tensors do not fit the block ({what})")
+    return reports
+
+
+__all__ = ["compress_identity", "block_record", "restore_block", "NOT_IN_IDENTITY"]
