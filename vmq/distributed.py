@@ -105,17 +105,17 @@ class Dist:
         return self._reduce(t, tdist.ReduceOp.MAX)
 
     def sum_int(self, x: int) -> int:
-        return int(self.sum(torch.tensor(x, dtype=torch.int64)).item())
+        return int(self.sum(torch.tensor(x, dtype=torch.int64, device="cpu")).item())
 
     def sum_float(self, x: float) -> float:
-        return float(self.sum(torch.tensor(x, dtype=torch.float64)).item())
+        return float(self.sum(torch.tensor(x, dtype=torch.float64, device="cpu")).item())
 
     def max_float(self, x: float) -> float:
-        return float(self.max(torch.tensor(x, dtype=torch.float64)).item())
+        return float(self.max(torch.tensor(x, dtype=torch.float64, device="cpu")).item())
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (every rank gets the same answer)."""
-        return bool(self.min(torch.tensor(int(flag), dtype=torch.int64)).item())
+        return bool(self.min(torch.tensor(int(flag), dtype=torch.int64, device="cpu")).item())
 
     def gather_cat(self, t: Optional[Tensor], device: Optional[torch.device] = None) -> Optional[Tensor]:
         """Every rank's ``t`` concatenated along dim 0 in rank order, on every rank (on ``t``'s

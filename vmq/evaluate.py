@@ -84,14 +84,16 @@ def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[
                 hits += torch.stack((hit[:, 0].sum(), hit.any(dim=-1).sum()))
                 if keep_predictions:
                     predicted.append(top[:, 0])
-                    positions.append(indices if indices is not None else torch.arange(n, n + target.numel()))
+                    positions.append(indices if indices is not None
+                                     else torch.arange(n, n + target.numel(), device="cpu"))
                 n += target.numel()
             if on_batch:
                 on_batch(done, total)
     top1, top5 = hits.tolist()  # waits for the device: the timing below covers all the work
     elapsed = time.perf_counter() - start
     if dist.active:  # every process's counts; the slowest process's time
-        top1, top5, n, skipped, bad = dist.sum(torch.tensor([top1, top5, n, skipped, int(not bool(finite))])).tolist()
+        counts = torch.tensor([top1, top5, n, skipped, int(not bool(finite))], device="cpu")
+        top1, top5, n, skipped, bad = dist.sum(counts).tolist()
         finite, elapsed = bad == 0, dist.max_float(elapsed)
     if n == 0:
         first = f"; the first: {errors[0]}" if errors else ""
@@ -99,10 +101,10 @@ def evaluate(model: nn.Module, loader: DataLoader, on_batch: Optional[Callable[[
     if not bool(finite):
         raise VmqError("the model produced NaN or Inf logits")
     if keep_logits and not kept:  # an empty shard
-        kept.append(torch.empty(0, getattr(model, "num_classes", 0) or 0))
+        kept.append(torch.empty(0, getattr(model, "num_classes", 0) or 0, device="cpu"))
     extra: Dict[str, Any] = {"logits": torch.cat(kept).cpu()} if keep_logits else {}
     if keep_predictions:
-        empty = torch.empty(0, dtype=torch.int64)
+        empty = torch.empty(0, dtype=torch.int64, device="cpu")
         extra.update(predictions=torch.cat(predicted).cpu() if predicted else empty,
                      indices=torch.cat(positions).cpu() if positions else empty)
     return {

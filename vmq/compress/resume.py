@@ -55,7 +55,7 @@ def block_record(block: nn.Module, reports: List[Any]) -> Tuple[Dict[str, Tensor
     specs = {}
     for name, q in layers.items():
         tensors.update({f"{name}.{key}": t for key, t in q.packed_tensors().items()})
-        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64)
+        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64, device="cpu")
         specs[name] = {"kind": q.kind, **q.spec()}
     return tensors, {"layers": specs, "reports": [dataclasses.asdict(r) for r in reports]}
 

@@ -237,8 +237,9 @@ def collate_eval(samples: Sequence[EvalSample]) -> EvalBatch:
     """The :class:`EvalBatch` of some samples (runs in the loader's workers)."""
     good = [s for s in samples if s.error is None]
     images = torch.stack([s.image for s in good]) if good else None
-    return EvalBatch(images, torch.tensor([s.label for s in good], dtype=torch.int64),
-                     torch.tensor([s.index for s in good], dtype=torch.int64), [s.error for s in samples if s.error])
+    return EvalBatch(images, torch.tensor([s.label for s in good], dtype=torch.int64, device="cpu"),
+                     torch.tensor([s.index for s in good], dtype=torch.int64, device="cpu"),
+                     [s.error for s in samples if s.error])
 
 
 class EvalSet(Dataset):
