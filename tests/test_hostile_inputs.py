@@ -222,7 +222,10 @@ def test_file_size_limit_mid_write(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vmq_cli.main", "quantize", "--out", tmp_path / "q.safetensors", *QUICK],
                        capture_output=True, text=True, env=env, preexec_fn=limit, timeout=600)
     one_line_error(r, r"file too large .* writing .*q\.safetensors")
-    assert leftovers(tmp_path) == []
+    # nothing but the per-block progress, kept for --resume (complete files only, no temporary one)
+    assert leftovers(tmp_path, keep={"q.safetensors.progress"}) == []
+    progress = tmp_path / "q.safetensors.progress"
+    assert not progress.exists() or not [p for p in progress.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("code, phrase", [(errno.ENOSPC, "no space left on device writing"),

@@ -125,7 +125,7 @@ def test_timm_pretrained_from_a_wrong_file(tmp_path, fixtures_dir):
         timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.pth")))
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, evil)
-    with pytest.raises(VmqError, match="never runs pickled code"):
+    with pytest.raises(VmqError, match="never unpickles code"):
         timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
 
 
@@ -157,5 +157,5 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, path)
     assert zipfile.is_zipfile(path)
-    with pytest.raises(VmqError, match="Python objects besides weights .*never runs pickled code"):
+    with pytest.raises(VmqError, match="Python objects besides weights .*never unpickles code"):
         read_state_dict(path)
