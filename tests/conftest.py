@@ -1,9 +1,11 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +62,31 @@ def fixtures_dir():
     if not FIXTURES.is_dir():
         pytest.skip(f"parity fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+#: what a long step prints on stderr while it works (vmq_cli._console.progress off a terminal)
+PROGRESS_LINE = re.compile(r"^[\w ()-]+: \d+(/\d+)? \(\d+ s\)$")
+
+
+def one_error_line(proc, rc=1):
+    """The one error line on stderr (progress lines of a slow run aside), with no traceback."""
+    assert proc.returncode == rc, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not PROGRESS_LINE.match(ln)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def noise_image_folder(root: Path, classes, per_class: int, size: int) -> Path:
+    """``root/<class>/<i>.png``: ``per_class`` random RGB images of ``size`` x ``size`` per class (seed 0)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
 
 
 def run_vmq(*args, env=None, cwd=None):

@@ -3,11 +3,9 @@
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import run_vmq
+from conftest import noise_image_folder, run_vmq
 
 # an official state dict per family (the parity fixtures) and the registered model it fits
 CHECKPOINTS = {"vmamba_micro_strong": "test_vmamba", "vmamba_micro_v0": "test_vmamba_v0",
@@ -18,11 +16,7 @@ FAST = ["--set", "calibration.num_images=8", "--set", "eval.limit=16"]
 @pytest.fixture(scope="module")
 def calibration_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    for c in ("airplane", "cat"):
-        (root / "train" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    noise_image_folder(root / "train", ("airplane", "cat"), 4, 40)
     return root
 
 

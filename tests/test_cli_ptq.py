@@ -1,27 +1,16 @@
 """`vmq calibrate`, `vmq quantize` and `vmq eval FILE` end to end on the shipped reference model."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_vmq
+from conftest import ROOT, one_error_line, run_vmq
 
 FAST = ["--set", "calibration.num_images=32", "--set", "quantization.jlss.iterations=3",
         "--set", "quantization.truncation.num_images=16", "--set", "eval.limit=64"]
 
 
-PROGRESS_LINE = re.compile(r"^[\w ()-]+: \d+(/\d+)? \(\d+ s\)$")  # cli._console.progress off a terminal
-
-
-def one_error_line(proc, rc=1):
-    """The one error line on stderr (progress lines of a slow run aside), with no traceback."""
-    assert proc.returncode == rc, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if not PROGRESS_LINE.match(ln)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

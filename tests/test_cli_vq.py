@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_vmq
-from test_cli_ptq import one_error_line
+from conftest import ROOT, one_error_line, run_vmq
 
 FAST = ["--set", "calibration.num_images=32", "--set", "vq.search.iterations=10", "--set", "vq.kmeans.iterations=5",
         "--set", "eval.limit=64"]

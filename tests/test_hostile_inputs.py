@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_vmq
+from tests.conftest import PROGRESS_LINE, run_vmq
 from tests.hostile_files import PTH
 from vmq.errors import VmqError
 from vmq.fileio import atomic_path
@@ -28,14 +28,12 @@ from vmq.recipe import MAX_RECIPE_BYTES
 QUICK = ("--set", "quantization.method=rtn", "--set", "calibration.num_images=2", "--no-eval")
 
 
-#: what a long step prints on stderr while it works (vmq_cli._console.progress off a terminal)
-PROGRESS = re.compile(r"^[\w ()-]+: \d+(/\d+)? \(\d+ s\)$")
 
 
 def one_line_error(r, match=None, code=1):
     """Exit ``code``, no traceback, nothing on stdout, one ``error:`` line on stderr (after progress lines,
     when the failure comes after some work)."""
-    lines = [line for line in r.stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
     assert r.returncode == code, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]

@@ -3,7 +3,6 @@ changing the result; bad sizes fail in one line; the offload folder is removed, 
 
 import copy
 import json
-import re
 
 import pytest
 import timm
@@ -11,7 +10,7 @@ import torch
 
 import vmq
 import vmq.models  # noqa: F401
-from conftest import ROOT, run_vmq
+from conftest import ROOT, one_error_line, run_vmq
 from vmq.activations import (ActivationStore, DiskTensor, HostTensor, MemoryBudget, io_all_finite, parse_size,
                              where_stored)
 from vmq.calib import collect_stats
@@ -23,19 +22,10 @@ from vmq.models.family import io_batches, io_slice
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import parse_recipe
 
-PROGRESS_LINE = re.compile(r"^[\w ()-]+: \d+(/\d+)? \(\d+ s\)$")
 FAST = ["--set", "calibration.num_images=16", "--set", "calibration.batch_size=8",
         "--set", "quantization.jlss.iterations=3", "--set", "quantization.jlss.batch_size=8",
         "--set", "quantization.truncation.num_images=8", "--set", "quantization.truncation.grid=10",
         "--no-eval", "--json"]
-
-
-def one_error_line(proc, rc=1):
-    assert proc.returncode == rc, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if not PROGRESS_LINE.match(ln)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("text, size", [("8GB", 8 * 10 ** 9), ("512MiB", 512 * 2 ** 20), ("1.5GiB", 3 * 2 ** 29),

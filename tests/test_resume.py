@@ -9,13 +9,10 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, run_vmq
-from test_cli_ptq import one_error_line
+from conftest import ROOT, noise_image_folder, one_error_line, run_vmq
 from vmq.errors import VmqError
 from vmq.progress import ProgressStore, progress_path_for
 
@@ -109,11 +106,7 @@ def with_progress(killed, tmp_path):
 @pytest.fixture(scope="module")
 def other_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    for c in ("airplane", "cat"):
-        (root / "train" / c).mkdir(parents=True)
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    noise_image_folder(root / "train", ("airplane", "cat"), 16, 32)
     return root
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from vmq.calib import CalibStats, model_fingerprint
 from vmq.compress.methods.base import Method
 from vmq.errors import VmqError
-from vmq.layers import KINDS, runtime_layers
+from vmq.layers import KINDS
 from vmq.modules import set_module
+from vmq.pack.format import packed_state
 from vmq.progress import tensor_sha256
 from vmq.recipe import Recipe
 
@@ -49,14 +49,7 @@ def compress_identity(command: str, recipe: Recipe, model: nn.Module, images: Te
 
 def block_record(block: nn.Module, reports: List[Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """A compressed block as progress tensors and JSON-ready metadata (its reports included)."""
-    layers = dict(runtime_layers(block))
-    inside = tuple(f"{name}." for name in layers)
-    tensors = {k: v for k, v in block.state_dict().items() if not k.startswith(inside)}
-    specs = {}
-    for name, q in layers.items():
-        tensors.update({f"{name}.{key}": t for key, t in q.packed_tensors().items()})
-        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64, device="cpu")
-        specs[name] = {"kind": q.kind, **q.spec()}
+    tensors, specs = packed_state(block)
     return tensors, {"layers": specs, "reports": [dataclasses.asdict(r) for r in reports]}
 
 

@@ -123,6 +123,26 @@ def packed_meta(header: SafeHeader, path: Path) -> dict:
     return meta
 
 
+def packed_state(module: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:
+    """``module``'s tensors as a packed file stores them (CPU, contiguous) and its runtime layers' specs.
+
+    Each runtime layer ``<layer>`` gives its kind's tensors under ``<layer>.<name>`` and
+    ``<layer>.weight_shape``, and its ``{"kind", **spec}``; every other tensor of the state dict
+    keeps its name. The packed file holds this for the model, a progress record for one block."""
+    quantized = dict(runtime_layers(module))
+    prefixes = tuple(f"{n}." for n in quantized)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()
+               if not key.startswith(prefixes)}
+    layers = {}
+    for name, q in quantized.items():
+        for key, t in q.packed_tensors().items():
+            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64,
+                                                       device="cpu")
+        layers[name] = {"kind": q.kind, **q.spec()}
+    return tensors, layers
+
+
 def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results: Optional[dict] = None) -> None:
     """Write ``model`` (with runtime layers) atomically to ``path``."""
     quantized = dict(runtime_layers(model))
@@ -131,18 +151,7 @@ def save_packed(model: nn.Module, path: Union[str, Path], recipe: dict, results:
     if getattr(model, "vmq_name", None) not in model_names():
         raise VmqError("the model has no registered name (model.vmq_name); a packed file must name its model")
     family = family_of(model)
-    tensors: Dict[str, torch.Tensor] = {}
-    prefixes = tuple(f"{n}." for n in quantized)
-    for key, value in model.state_dict().items():
-        if not key.startswith(prefixes):
-            tensors[key] = value.detach().cpu().contiguous()
-    layers = {}
-    for name, q in quantized.items():
-        for key, t in q.packed_tensors().items():
-            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
-        tensors[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features], dtype=torch.int64,
-                                                       device="cpu")
-        layers[name] = {"kind": q.kind, **q.spec()}
+    tensors, layers = packed_state(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -307,5 +316,5 @@ class _Named(dict):
         return super().pop(key, *default)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READS_MAJOR", "MAX_EXPANSION", "save_packed", "load_packed", "read_metadata",
-           "is_packed", "parse_version", "packed_meta", "check_payload"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READS_MAJOR", "MAX_EXPANSION", "packed_state", "save_packed", "load_packed",
+           "read_metadata", "is_packed", "parse_version", "packed_meta", "check_payload"]
