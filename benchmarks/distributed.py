@@ -8,13 +8,16 @@ OMP_NUM_THREADS=1, torchrun's default per process):
   difference of the float64 second-moment sums;
 - ``vmq quantize`` W4A8 with PTS (no learning): whether the packed files are the same bytes;
 - ``vmq quantize`` with a recipe (default configs/w4a8.yaml, PTQ4VM): the recorded figures of
-  both runs and the top-1 agreement and logit SNR between the two packed models on the shipped
-  test set; and, as the floor that summation order alone sets, the same for one process that
-  sums each JLSS batch's gradient in N parts (the arithmetic of N processes, in one process).
+  both runs, whether the packed files are the same bytes, and the top-1 agreement and logit SNR
+  between the two packed models on the shipped test set;
+- ``vmq vq`` (default configs/vq-2bit.yaml, ViM-VQ search): whether the packed files are the
+  same bytes.
 
-Prints one JSON document. ``--quick``: 32 calibration images, 5 JLSS steps (a few minutes on 2 cores).
+Prints one JSON document. ``--quick``: 32 calibration images, 5 JLSS steps, 12 VQ search steps
+(a few minutes on 2 cores).
 
-    python benchmarks/distributed.py [--nproc 2] [--quick] [--recipe configs/w4a8.yaml] [--set KEY=VALUE ...]
+    python benchmarks/distributed.py [--nproc 2] [--quick] [--recipe configs/w4a8.yaml]
+        [--vq-recipe configs/vq-2bit.yaml] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -42,30 +45,6 @@ def vmq(args, nproc: int = 1) -> dict:
     return json.loads(r.stdout)
 
 
-def split_sum_run(recipe: str, sets, parts: int, out: Path) -> None:
-    """One process; each JLSS/VQ batch's loss and gradient computed in ``parts`` pieces and added."""
-    code = f"""
-import torch, vmq
-from vmq import optimise
-from vmq.models.family import io_slice
-def step(self, opt, grad_clip=None):
-    idx = next(self.batches)
-    with torch.enable_grad():
-        opt.zero_grad(set_to_none=True)
-        for sel in idx.tensor_split({parts}):
-            out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, sel)))
-            (self.loss_fn(out, self.target[sel]) * (sel.numel() / idx.numel())).backward()
-            if self.on_share is not None:
-                self.on_share(sel.numel() / idx.numel())
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        opt.step()
-optimise.BlockTrainer.step = step
-vmq.compress({recipe!r}, overrides={list(sets)!r}, evaluate_model=False).save({str(out)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=ROOT, capture_output=True)
-
-
 def agreement_of(a: Path, b: Path) -> dict:
     from vmq.data import eval_loader
     from vmq.evaluate import evaluate
@@ -85,6 +64,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--recipe", default="configs/w4a8.yaml")
+    ap.add_argument("--vq-recipe", default="configs/vq-2bit.yaml")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     args = ap.parse_args()
     from vmq.calib import CalibStats
@@ -94,6 +74,8 @@ def main() -> None:
              "quantization.jlss.iterations=5"] if args.quick else []
     sets = small + args.sets
     flags = [x for s in sets for x in ("--set", s)]
+    flags_vq = [x for s in [s for s in sets if not s.startswith("quantization.")]
+                + (["vq.search.iterations=12"] if args.quick else []) for x in ("--set", s)]
     report = {"nproc": n, "recipe": args.recipe, "sets": sets}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -121,9 +103,14 @@ def main() -> None:
         r2 = vmq([*q, "--out", tmp / "q2.safetensors"], n)
         keys = ("fp_top1", "quant_top1", "top1_agreement", "logit_snr_db", "eval_images", "quantize_seconds")
         report["quantize"] = {k: [r1.get(k), r2.get(k)] for k in keys}
+        report["quantize"]["same_bytes"] = (tmp / "q1.safetensors").read_bytes() == (tmp / "q2.safetensors").read_bytes()
         report["quantize"]["one_vs_n"] = agreement_of(tmp / "q1.safetensors", tmp / "q2.safetensors")
-        split_sum_run(str(ROOT / args.recipe), sets, n, tmp / "q1s.safetensors")
-        report["quantize"]["one_vs_one_summed_in_parts"] = agreement_of(tmp / "q1.safetensors", tmp / "q1s.safetensors")
+
+        v = ["vq", "--recipe", args.vq_recipe, *flags_vq, "--no-eval", "--json"]
+        v1 = vmq([*v, "--out", tmp / "v1.safetensors"])
+        vmq([*v, "--out", tmp / "v2.safetensors"], n)
+        report["vq"] = {"recipe": args.vq_recipe, "vq_seconds": v1.get("vq_seconds"),
+                        "same_bytes": (tmp / "v1.safetensors").read_bytes() == (tmp / "v2.safetensors").read_bytes()}
     print(json.dumps(report, indent=2))
 
 

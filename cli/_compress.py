@@ -12,7 +12,8 @@ from vmq_cli._options import memory_options, threads_option
 resume_option = click.option(
     "--resume", is_flag=True,
     help="Continue an interrupted run from the per-block progress kept beside the output (<out>.progress/); "
-         "refused when that was made with another recipe, model or calibration set.")
+         "refused when that was made with another recipe, model or calibration set. Under torchrun, rank 0 keeps it, and "
+         "any number of processes may resume it.")
 
 
 def compress_options(recipe_help: str, set_example: str, out_pattern: str) -> Callable:
@@ -57,7 +58,6 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     from vmq.compress.api import compress, load_model, read_recipe, recipe_path_for, resolve_device
     from vmq.compress.methods import method_for
     from vmq.distributed import launch
-    from vmq.errors import UsageError
     from vmq.fileio import check_output_path
     from vmq.progress import progress_path_for, refuse_unasked
     from vmq_cli import _console as console
@@ -67,14 +67,11 @@ def run(kind: str, recipe_path: Optional[str], overrides: Tuple[str, ...], out: 
     method = method_for(kind, getattr(recipe, kind), str(recipe_path or "recipe"))
     with launch(device or recipe.device) as (dist, device):
         budget = check_memory(max_memory, offload_dir, resolve_device(device, recipe))
-        if dist.active and resume:
-            raise UsageError("--resume is for one process: progress is not kept under torchrun")
         model = load_model(recipe.model.name, recipe.model.checkpoint)
         out = out or default_out(model.vmq_name, method)
-        dist.check_on_main(lambda: (check_output_path(out), check_output_path(recipe_path_for(out))))
-        progress_dir = None if dist.active else progress_path_for(out)
-        if progress_dir is not None:
-            refuse_unasked(progress_dir, resume)
+        progress_dir = progress_path_for(out)
+        dist.check_on_main(lambda: (check_output_path(out), check_output_path(recipe_path_for(out)),
+                                    refuse_unasked(progress_dir, resume)))
         stats = CalibStats.load(stats_path) if stats_path is not None else None
         result = compress(recipe, model=model, stats=stats, evaluate_model=not no_eval, progress=console.progress,
                           max_memory=budget.max_bytes, offload_dir=budget.offload_dir, dist=dist,

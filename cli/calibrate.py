@@ -21,7 +21,8 @@ from vmq_cli._options import (check_device, check_memory, device_option, memory_
 @memory_options
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from the per-block progress kept beside the output "
-                   "(<out>.progress/); refused when that was made with another model or calibration set.")
+                   "(<out>.progress/); refused when that was made with another model or calibration set. Under "
+                   "torchrun, rank 0 keeps it, and any number of processes may resume it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model_name, checkpoint, data, num_images, batch_size, out, device, max_memory, offload_dir, resume,
             as_json):
@@ -43,19 +44,14 @@ def command(model_name, checkpoint, data, num_images, batch_size, out, device, m
     from vmq.compress.api import load_model, no_progress
     from vmq.data import calibration_images
     from vmq.distributed import Part, launch
-    from vmq.errors import UsageError
     from vmq.fileio import check_output_path
     from vmq.models import family_of
     from vmq.progress import progress_path_for, refuse_unasked
 
     start = time.perf_counter()
     with launch(device) as (dist, device):
-        if dist.active and resume:
-            raise UsageError("--resume is for one process: progress is not kept under torchrun")
-        dist.check_on_main(lambda: check_output_path(out))
-        progress_dir = None if dist.active else progress_path_for(out)
-        if progress_dir is not None:
-            refuse_unasked(progress_dir, resume)
+        progress_dir = progress_path_for(out)
+        dist.check_on_main(lambda: (check_output_path(out), refuse_unasked(progress_dir, resume)))
         model = load_model(model_name, checkpoint).to(device)
         part = Part.of(dist, num_images, batch_size)
         images, source = calibration_images(model, data, num_images, slice(part.start, part.stop))

@@ -29,7 +29,7 @@ from vmq.errors import VmqError
 from vmq.fileio import atomic_path
 from vmq.models.family import BlockIO, ModelFamily, family_of, io_slice
 from vmq.modules import linear_names
-from vmq.progress import ProgressStore, tensor_sha256
+from vmq.progress import ProgressStore, images_sha256, tensor_sha256
 from vmq.runtime import ieee_float32
 from vmq.safefile import SafeHeader, read_header
 
@@ -248,7 +248,7 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
     ``progress_dir``: keep each finished block's stats there (:mod:`vmq.progress`); with
     ``resume``, take the blocks recorded there (made with this model, these images and this batch
     size, else refused) and run them forward only. The returned stats' ``save`` removes the folder.
-    Not under torch.distributed (refused)."""
+    Under torch.distributed rank 0 keeps the folder (:class:`ProgressStore`)."""
     if not torch.isfinite(images).all():
         raise VmqError("calibration images hold NaN or Inf")
     family = family_of(model)
@@ -259,12 +259,11 @@ def collect_stats(model: nn.Module, images: Tensor, batch_size: int = 32, data: 
     fingerprint = model_fingerprint(model)
     progress = None
     if progress_dir is not None:
-        if dist.active:
-            raise VmqError("progress and --resume are for one process; under torchrun they are not kept")
         progress = ProgressStore.open(progress_dir, {
-            "command": "calibrate", "settings": {"num_images": int(images.shape[0]), "batch_size": batch_size},
-            "model_sha256": fingerprint, "images_sha256": tensor_sha256([("images", images)]),
-            "blocks": len(blocks)}, resume)
+            "command": "calibrate", "settings": {"num_images": dist.sum_int(int(images.shape[0])),
+                                                 "batch_size": batch_size},
+            "model_sha256": fingerprint, "images_sha256": images_sha256(images, batch_size, dist),
+            "blocks": len(blocks)}, resume, dist)
     with ieee_float32(device):
         io = store.embed(family, model, images, batch_size)
         for i, (prefix, block) in enumerate(blocks):

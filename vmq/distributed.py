@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -35,6 +35,7 @@ from vmq.errors import VmqError
 #: environment variables ``torchrun`` sets for each process
 LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT = timedelta(minutes=30)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,20 @@ class Dist:
         count = per + (1 if self.rank < extra else 0)
         return slice(min(n, first * batch_size), min(n, (first + count) * batch_size))
 
-    def check_on_main(self, check: Callable[[], object]) -> None:
-        """Run ``check`` on rank 0 alone (e.g. that the output can be written there); when it raises
-        :class:`VmqError`, every rank stops: rank 0 with that error, the others with one line."""
-        error = None
+    def check_on_main(self, check: Callable[[], T]) -> Optional[T]:
+        """Run ``check`` on rank 0 alone (e.g. that the output can be written there) and return what
+        it returns there (None on the other ranks); when it raises :class:`VmqError`, every rank
+        stops: rank 0 with that error, the others with one line."""
+        error, value = None, None
         if self.is_main:
             try:
-                check()
+                value = check()
             except VmqError as exc:
                 error = exc
         if not self.all_true(error is None):
             raise error if error is not None else VmqError(f"rank {self.rank}: stopped, as rank 0 did (its error "
                                                            "says why)")
+        return value
 
     # -- reductions (identity in one process) -------------------------------------------------
     def _reduce(self, t: Tensor, op) -> Tensor:
@@ -144,23 +147,28 @@ class Dist:
         out = torch.cat([p[:n] for p, n in zip(parts, lengths)])
         return (out.view(torch.bool) if dtype == torch.bool else out).to(device)
 
-    def sum_grads(self, params: Sequence[Tensor]) -> None:
-        """Sum the gradients of ``params`` over ranks (one collective), in place.
+    def broadcast_int(self, x: int) -> int:
+        """Rank 0's ``x`` on every rank."""
+        if not self.active:
+            return x
+        buf = torch.tensor([x], dtype=torch.int64, device=self.comm_device)
+        tdist.broadcast(buf, src=0)
+        return int(buf.item())
 
-        A rank without a gradient for a parameter adds zeros; a parameter no rank has a gradient
-        for keeps none (an optimiser then skips it, as in one process)."""
-        if not self.active or not params:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
-                          for p in params]
-                         + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)])
-        flat = self.sum(flat)
-        has = flat[-len(params):].tolist()  # one wait for the device per step
-        offset = 0
-        for p, h in zip(params, has):
-            g = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            p.grad = g.to(p.dtype) if h > 0 else None
+    def broadcast_bytes(self, data: Optional[bytes]) -> bytes:
+        """Rank 0's ``data`` on every rank (the others may give None): files that rank 0 alone reads,
+        so that processes on other machines need not see its disk."""
+        if not self.active:
+            return data if data is not None else b""
+        size = self.broadcast_int(len(data) if self.is_main and data is not None else 0)
+        if self.is_main:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+            buf = buf.to(self.comm_device)
+        else:
+            buf = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
+        if size:
+            tdist.broadcast(buf, src=0)
+        return buf.cpu().numpy().tobytes() if size else b""
 
     def broadcast_tensors(self, tensors: Sequence[Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's."""
@@ -179,16 +187,21 @@ SINGLE = Dist()
 
 @dataclass(frozen=True)
 class Part:
-    """This rank's shard ``[start, stop)`` of ``total`` items (images), and its process group."""
+    """This rank's shard ``[start, stop)`` of ``total`` items (images), and its process group.
+
+    Shards are made of whole units of ``unit`` items (calibration batches): work done one unit at
+    a time is the same work whatever the number of processes."""
 
     dist: Dist
     start: int
     stop: int
     total: int
+    unit: int
 
     @classmethod
-    def whole(cls, n: int) -> "Part":
-        return cls(SINGLE, 0, n, n)
+    def whole(cls, n: int, unit: int) -> "Part":
+        """All ``n`` items, in one process, in units of ``unit``."""
+        return cls(SINGLE, 0, n, n, unit)
 
     @classmethod
     def of(cls, dist: Dist, n: int, batch_size: int, what: str = "calibration") -> "Part":
@@ -199,17 +212,11 @@ class Part:
                            f"batch(es), fewer than the {dist.world} processes; use more images or a smaller "
                            "batch size")
         s = dist.batch_shard(n, batch_size)
-        return cls(dist, s.start, s.stop, n)
+        return cls(dist, s.start, s.stop, n, batch_size)
 
     @property
     def size(self) -> int:
         return self.stop - self.start
-
-    def local(self, idx: Tensor) -> Tensor:
-        """The global indices ``idx`` that fall in this shard, as local indices (order kept)."""
-        if not self.dist.active:
-            return idx
-        return idx[(idx >= self.start) & (idx < self.stop)] - self.start
 
     def head(self, k: int) -> slice:
         """The local part of the global items ``[0, k)``."""

@@ -9,7 +9,8 @@ the loss over all inputs, before and after.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Union
+import random
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,40 +43,33 @@ def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: T
                batch_size: int, part: Optional[Part] = None) -> float:
     """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples.
 
-    The sum stays on the device (in float64) until the end: one host sync, not one per batch.
-    With ``part`` (``inputs`` are a process's shard of a set of ``part.total`` samples) the sums
-    of all processes are added: every process gets the loss over the whole set."""
+    The block runs on one unit of ``part`` at a time (a calibration batch; ``batch_size`` samples
+    when ``part`` is None), so each sample's loss is the same whether one process or several
+    compute it. The sum stays on the device (in float64) until the end: one host sync, not one per
+    unit. With ``part`` (``inputs`` are a process's shard of a set of ``part.total`` samples) the
+    sums of all processes are added: every process gets the loss over the whole set."""
+    part = part if part is not None else Part.whole(io_len(inputs), batch_size)
     total, offset = torch.zeros((), dtype=torch.float64, device=target.device), 0
     with torch.no_grad():
-        for chunk in io_batches(inputs, batch_size):
+        for chunk in io_batches(inputs, part.unit):
             out = family.block_output(family.run_block(block, chunk))
             n = out.shape[0]
             total += loss_fn(out, target[offset:offset + n]).double() * n
             offset += n
-    if part is not None and part.dist.active:
-        return part.dist.sum(total).item() / part.total
-    return total.item() / io_len(inputs)
+    return part.dist.sum(total).item() / part.total
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator,
-                  device: Union[str, torch.device] = "cpu") -> Iterator[Tensor]:
-    """Endless batches of sample indices on ``device``: a random order, walked in steps, reshuffled
-    when a batch would run past its end.
-
-    The orders are drawn on the CPU (``generator`` is a CPU generator), so the batches are the same
-    on every device; each order is copied to ``device`` once (to a GPU from pinned memory, without
-    waiting for it), not each batch."""
-    cuda = torch.device(device).type == "cuda"
-
-    def shuffled() -> Tensor:
-        order = torch.randperm(n, generator=generator, device="cpu")
-        return order.pin_memory().to(device, non_blocking=True) if cuda else order
-
-    order, pos = shuffled(), 0
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[List[int]]:
+    """Endless batches of sample indices, as sorted host integers: a random order drawn with a
+    ``random.Random(seed)``, walked in steps and reshuffled when a batch would run past its end.
+    No tensor is involved, so the batches are the same whatever device computes and drawing one
+    never waits for a device."""
+    rng, order, pos = random.Random(seed), list(range(n)), n
     while True:
         if pos + batch_size > n:
-            order, pos = shuffled(), 0
-        yield order[pos:pos + batch_size]
+            rng.shuffle(order)
+            pos = 0
+        yield sorted(order[pos:pos + batch_size])
         pos += batch_size
 
 
@@ -87,13 +81,15 @@ class BlockTrainer:
     generator seeded with ``seed``, so a run does not depend on global random state, and a run on
     a GPU takes the same batches as one on the CPU.
 
-    With ``part`` (``inputs`` are this process's shard of ``part.total`` samples, under
-    torch.distributed) every process draws the same global batch, computes the loss on the
-    samples of it that it holds, scaled by their share of the batch, and the gradients are summed
-    over processes before clipping and the step: the gradient of the whole batch's mean loss, as
-    in one process up to summation order; every process takes the same step. ``on_share(share)``
-    is called after a process's backward with its share of the batch (local / global samples),
-    for gradients whose scale depends on the batch size (LSQ's step-size gradient scale).
+    A step's gradient is that of the batch's mean loss, computed the same way in one process and
+    in many: the batch is split by the units of ``part`` (calibration batches, which processes
+    hold whole; ``batch_size`` samples when ``part`` is None), the block runs forward and backward
+    on each unit's share in turn, and the unit gradients are added in unit order in float64, over
+    processes too (torch.distributed). Each sample's arithmetic therefore does not depend on how
+    many processes share the work, nor does the sum (float64 sums of a few float32 gradients are
+    exact, or off in the 16th digit), and every process takes the same step as one process would.
+    ``on_share(share)`` is called after each unit's backward with its share of the batch (unit
+    samples / batch samples), for gradients whose scale depends on the batch size (LSQ's).
     """
 
     def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
@@ -101,10 +97,8 @@ class BlockTrainer:
                  on_share: Optional[Callable[[float], None]] = None):
         self.family, self.block, self.inputs, self.target = family, block, inputs, target
         self.loss_fn, self.params, self.on_share = loss_fn, params, on_share
-        self.part = part if part is not None and part.dist.active else None
-        n = io_len(inputs) if self.part is None else self.part.total
-        self.batches = batch_indices(n, batch_size, torch.Generator(device="cpu").manual_seed(seed),
-                                     target.device if self.part is None else "cpu")
+        self.part = part if part is not None else Part.whole(io_len(inputs), batch_size)
+        self.batches = batch_indices(self.part.total, batch_size, seed)
         self._saved = {}
 
     def __enter__(self) -> "BlockTrainer":
@@ -116,29 +110,47 @@ class BlockTrainer:
         return self
 
     def step(self, opt: torch.optim.Optimizer, grad_clip: Optional[float] = None) -> None:
-        idx = next(self.batches)
-        with torch.enable_grad():
-            if self.part is None:
-                out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, idx)))
-                loss = self.loss_fn(out, self.target[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                self._shard_backward(opt, idx)
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-            opt.step()
+        sums, seen = self._unit_gradients(opt, next(self.batches))
+        flat = torch.cat([s.reshape(-1) for s in sums] + [torch.tensor(seen, dtype=torch.float64,
+                                                                       device=self.target.device)])
+        if self.part.dist.active:
+            flat = self.part.dist.sum(flat)
+            seen = [h > 0 for h in flat[-len(self.params):].tolist()]  # one wait per step
+        offset = 0
+        for p, h in zip(self.params, seen):  # a parameter no unit reached keeps no gradient
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype) if h else None
+            offset += p.numel()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        opt.step()
 
-    def _shard_backward(self, opt: torch.optim.Optimizer, idx: Tensor) -> None:
-        """This process's share of the batch ``idx`` (global, CPU), then the sum over processes."""
-        local = self.part.local(idx).to(self.target.device)
-        opt.zero_grad(set_to_none=True)
-        if local.numel():
-            out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, local)))
-            (self.loss_fn(out, self.target[local]) * (local.numel() / idx.numel())).backward()
+    def _unit_gradients(self, opt: torch.optim.Optimizer, idx: List[int]) -> Tuple[List[Tensor], List[bool]]:
+        """The float64 sums of the unit gradients of batch ``idx`` (sorted global indices) over
+        the units this process holds, in unit order; whether each parameter got a gradient."""
+        part, units = self.part, {}
+        for i in idx:
+            if part.start <= i < part.stop:  # ranks hold whole units
+                units.setdefault(i // part.unit, []).append(i - part.start)
+        flat = [i for unit in units.values() for i in unit]
+        local = torch.tensor(flat, dtype=torch.long, device=torch.device("cpu"))
+        if self.target.device.type == "cuda":  # one copy per step, not one per unit
+            local = local.pin_memory().to(self.target.device, non_blocking=True)
+        sums = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        seen = [False] * len(self.params)
+        for local in local.split([len(unit) for unit in units.values()]):
+            share = local.numel() / len(idx)
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, local)))
+                (self.loss_fn(out, self.target[local]) * share).backward()
             if self.on_share is not None:
-                self.on_share(local.numel() / idx.numel())
-        self.part.dist.sum_grads(self.params)
+                self.on_share(share)
+            for i, p in enumerate(self.params):
+                if p.grad is not None:
+                    sums[i] += p.grad
+                    seen[i] = True
+        opt.zero_grad(set_to_none=True)
+        return sums, seen
 
     def __exit__(self, *exc) -> None:
         for p, flag in self._saved.items():

@@ -10,6 +10,12 @@ A run that keeps progress writes a folder beside its output, ``<out>.progress/``
 * ``block-NNNN.safetensors``: one per finished block, written in order: the block's tensors and a
   JSON string under ``__metadata__["vmq"]`` (no pickle anywhere).
 
+Under torch.distributed (``torchrun``) rank 0 alone reads and writes the folder and sends what
+it reads to the other ranks, so only rank 0's machine needs it. Nothing in the identity depends on
+the number of processes (the images' sha256 is made batch by batch, :func:`images_sha256`, and the
+engine's results are the same bytes in any number of processes), so a run can be resumed with
+another number of processes than the one that was interrupted.
+
 The folder appears with the first finished block, complete with its ``run.json`` (made under a
 temporary name, then renamed), so a run that fails before finishing a block leaves nothing; each
 block file is written atomically (:func:`vmq.fileio.atomic_path`), so a run killed at any
@@ -25,16 +31,18 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
 from vmq import __version__
+from vmq.distributed import SINGLE, Dist
 from vmq.errors import VmqError
 from vmq.fileio import atomic_path, check_output_path
 
@@ -60,6 +68,16 @@ def tensor_sha256(tensors: Iterable[Tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
+def images_sha256(images: Tensor, unit: int, dist: Dist = SINGLE) -> str:
+    """sha256 of a calibration set held in shards of whole ``unit``-image batches (``images`` is
+    this process's shard): the sha256 of each batch's :func:`tensor_sha256`, in batch order over
+    all processes. The same for any number of processes (every process gets it)."""
+    digests = [bytes.fromhex(tensor_sha256([("images", chunk)])) for chunk in images.split(unit)]
+    local = torch.tensor(list(b"".join(digests)), dtype=torch.uint8).view(-1, 32) if digests else None
+    every = dist.gather_cat(local)
+    return hashlib.sha256(every.numpy().tobytes() if every is not None else b"").hexdigest()
+
+
 def refuse_unasked(folder: Union[str, Path], resume: bool) -> None:
     """Fail (before any long work) when ``folder`` holds progress and the run was not asked to resume."""
     folder = Path(folder)
@@ -72,27 +90,35 @@ def refuse_unasked(folder: Union[str, Path], resume: bool) -> None:
 class ProgressStore:
     """The progress folder of one run; :meth:`open` it, then :meth:`save_block` after each block."""
 
-    def __init__(self, folder: Path, identity: Dict[str, Any], done: int):
-        self.folder, self.identity, self.done = folder, identity, done
+    def __init__(self, folder: Path, identity: Dict[str, Any], done: int, dist: Dist = SINGLE):
+        self.folder, self.identity, self.done, self.dist = folder, identity, done, dist
 
     @classmethod
-    def open(cls, folder: Union[str, Path], identity: Dict[str, Any], resume: bool) -> "ProgressStore":
-        """The store at ``folder`` for a run of ``identity`` (JSON-ready; ``blocks`` its block count).
+    def open(cls, folder: Union[str, Path], identity: Dict[str, Any], resume: bool,
+             dist: Dist = SINGLE) -> "ProgressStore":
+        """The store at ``folder`` for a run of ``identity`` (JSON-ready; ``blocks`` its block count;
+        the same on every rank).
 
         A missing folder is made when the first block is recorded. An existing one is continued
         when ``resume`` and its identity is this run's, else refused with one line that says what
-        differs."""
+        differs (on every rank)."""
         folder = Path(folder)
         identity = {"format": FORMAT, "vmq_version": __version__, **identity}
+        done = dist.check_on_main(lambda: cls._done_in(folder, identity, resume))
+        return cls(folder, identity, dist.broadcast_int(done if done is not None else 0), dist)
+
+    @classmethod
+    def _done_in(cls, folder: Path, identity: Dict[str, Any], resume: bool) -> int:
+        """The blocks ``folder`` holds for a run of ``identity`` (0 when it does not exist)."""
         refuse_unasked(folder, resume)
         if not folder.exists():
             check_output_path(folder)  # fail before the work, not after the first block
-            return cls(folder, identity, 0)
+            return 0
         saved = cls._read_identity(folder)
         difference = _difference(saved, identity)
         if difference is not None:
             raise VmqError(f"the progress in {folder} was made {difference}; remove it to start over")
-        return cls(folder, identity, min(cls.count_done(folder), int(identity.get("blocks", 0))))
+        return min(cls.count_done(folder), int(identity.get("blocks", 0)))
 
     @staticmethod
     def _create(folder: Path, identity: Dict[str, Any]) -> None:
@@ -138,20 +164,26 @@ class ProgressStore:
         """Record block ``index`` (the next one) as finished: its tensors and JSON-ready ``meta``."""
         if index != self.done:
             raise ValueError(f"block {index} recorded after {self.done} finished blocks")
+        self.dist.check_on_main(lambda: self._write_block(index, tensors, meta))
+        self.done = index + 1
+
+    def _write_block(self, index: int, tensors: Dict[str, Tensor], meta: Dict[str, Any]) -> None:
         cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
         if not self.folder.exists():
             self._create(self.folder, self.identity)
         with atomic_path(self._block_path(index)) as tmp:
             save_file(cpu, str(tmp), metadata={"vmq": json.dumps(meta, sort_keys=True)})
-        self.done = index + 1
 
     def load_block(self, index: int) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-        """The tensors (on the CPU) and metadata recorded for block ``index``."""
+        """The tensors (on the CPU) and metadata recorded for block ``index`` (read by rank 0 and
+        sent to the others under torch.distributed)."""
         path = self._block_path(index)
+        data = self.dist.broadcast_bytes(self.dist.check_on_main(lambda: self._read(path)))
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["vmq"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            (size,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8:8 + size])
+            meta = json.loads(header["__metadata__"]["vmq"])
+            tensors = load_safetensors(data)
         except Exception as exc:
             why = (str(exc).splitlines() or [""])[0]
             raise VmqError(f"cannot read {path} ({type(exc).__name__}: {why}); remove {self.folder} to start "
@@ -160,9 +192,16 @@ class ProgressStore:
             raise VmqError(f"{path}: broken progress metadata; remove {self.folder} to start over")
         return tensors, meta
 
+    def _read(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise VmqError(f"cannot read {path} ({exc.strerror or exc}); remove {self.folder} to start over") from None
+
     def remove(self) -> None:
-        """Delete the folder: its run file, block files and leftover temporary files (nothing else)."""
-        if not self.folder.is_dir():
+        """Delete the folder: its run file, block files and leftover temporary files (nothing else).
+        Rank 0's work under torch.distributed (the others do nothing)."""
+        if not self.dist.is_main or not self.folder.is_dir():
             return
         for p in self.folder.iterdir():
             if p.name == RUN_FILE or BLOCK_FILE.fullmatch(p.name) or _TEMP_FILE.fullmatch(p.name):
@@ -221,4 +260,4 @@ def _short(v: Any) -> str:
     return f"{v[:12]}..." if isinstance(v, str) and len(v) > 16 else ("none" if v is None else str(v))
 
 
-__all__ = ["ProgressStore", "progress_path_for", "tensor_sha256", "refuse_unasked"]
+__all__ = ["ProgressStore", "progress_path_for", "tensor_sha256", "images_sha256", "refuse_unasked"]

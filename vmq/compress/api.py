@@ -178,8 +178,8 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
     results, and only rank 0 (``dist.is_main``) should save. The budget is per process.
     ``progress_dir``: keep each finished block there (:mod:`vmq.progress`; ``save`` removes it);
     ``resume``: continue from what it holds (made with this recipe, model, calibration images and
-    given stats, else refused). Without ``resume`` an existing ``progress_dir`` is refused. One
-    process only: refused under torch.distributed.
+    given stats, else refused). Without ``resume`` an existing ``progress_dir`` is refused. Under
+    torch.distributed rank 0 keeps it, and a run may be resumed with another number of processes.
     """
     dist = dist if dist is not None else Dist.current()
     progress = progress if dist.is_main else no_progress
@@ -212,11 +212,9 @@ def compress(recipe: Union[Recipe, dict, str, Path, None], model: Optional[nn.Mo
         images = images[part.start:part.stop]
     kept = None
     if progress_dir is not None:
-        if dist.active:
-            raise VmqError("progress and --resume are for one process; under torchrun they are not kept")
         command = "quantize" if stage_key == "quantization" else "vq"
         kept = ProgressStore.open(progress_dir, compress_identity(command, recipe, model, images, stats,
-                                                                  len(family.blocks(model))), resume)
+                                                                  len(family.blocks(model)), part), resume, dist)
     model.to(dev)
     with ActivationStore(dev, budget) as store:
         if stats is None:

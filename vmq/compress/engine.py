@@ -55,9 +55,9 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
 
     ``store``: where the block activations are kept (default: all on the model's device);
     ``part``: which images of the calibration set ``images`` are (default: all of them);
-    ``progress``: record each finished block there (rank 0 alone under torch.distributed), and
+    ``progress``: record each finished block there (rank 0 writes under torch.distributed), and
     take the blocks it already holds."""
-    part = part if part is not None else Part.whole(int(images.shape[0]))
+    part = part if part is not None else Part.whole(int(images.shape[0]), batch_size)
     family = family_of(model)
     targets = method.targets(model, family)
     missing = [t for t in targets if t not in stats.layers]
@@ -91,7 +91,7 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
             q_io = store.run(family, block, q_io, batch_size) if names or not same else fp_out
             if not part.dist.all_true(io_all_finite(q_io)):
                 raise VmqError(f"{method.what} block {i} produced NaN or Inf")
-            if progress is not None and i >= done and part.dist.is_main:
+            if progress is not None and i >= done:
                 progress.save_block(i, *block_record(block, block_reports))
             fp_io = fp_out
             del fp_out

@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from vmq.calib import CalibStats, model_fingerprint
 from vmq.compress.methods.base import Method
+from vmq.distributed import Part
 from vmq.errors import VmqError
 from vmq.layers import KINDS
 from vmq.modules import set_module
 from vmq.pack.format import packed_state
-from vmq.progress import tensor_sha256
+from vmq.progress import images_sha256, tensor_sha256
 from vmq.recipe import Recipe
 
 #: recipe keys that do not change the compressed model (``eval``), or whose contents the identity
@@ -31,8 +32,10 @@ NOT_IN_IDENTITY = (("eval",), ("model", "checkpoint"), ("calibration", "data"))
 
 
 def compress_identity(command: str, recipe: Recipe, model: nn.Module, images: Tensor,
-                      given_stats: Optional[CalibStats], blocks: int) -> Dict[str, Any]:
-    """What a compression run depends on, for :meth:`vmq.progress.ProgressStore.open`."""
+                      given_stats: Optional[CalibStats], blocks: int, part: Part) -> Dict[str, Any]:
+    """What a compression run depends on, for :meth:`vmq.progress.ProgressStore.open`; ``images``
+    are this process's ``part`` of the calibration set (the identity is the same on every rank,
+    whatever the number of processes)."""
     settings = recipe.model_dump(mode="json")
     for path in NOT_IN_IDENTITY:
         node = settings
@@ -44,7 +47,7 @@ def compress_identity(command: str, recipe: Recipe, model: nn.Module, images: Te
         stats = tensor_sha256((f"{name}.{what}", getattr(st, what)) for name, st in sorted(given_stats.layers.items())
                               for what in ("min", "max", "sq_sum"))
     return {"command": command, "settings": settings, "model_sha256": model_fingerprint(model),
-            "images_sha256": tensor_sha256([("images", images)]), "stats_sha256": stats, "blocks": blocks}
+            "images_sha256": images_sha256(images, part.unit, part.dist), "stats_sha256": stats, "blocks": blocks}
 
 
 def block_record(block: nn.Module, reports: List[Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:

@@ -73,8 +73,9 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
 
 
 def _whole_batch_lsq(act_scales, share: float) -> None:
-    """LSQ scales an activation step size's gradient by 1/sqrt(values per step), counted on the
-    batch a process holds; under torch.distributed, rescale it to the whole batch's count."""
+    """LSQ scales an activation step size's gradient by 1/sqrt(values per step), counted on what
+    one forward saw (a unit's share of the batch, :class:`vmq.optimise.BlockTrainer`); rescale it
+    to the whole batch's count."""
     for p in act_scales:
         if p.grad is not None:
             p.grad.mul_(math.sqrt(share))

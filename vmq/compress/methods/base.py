@@ -48,7 +48,7 @@ class BlockJob:
     def __post_init__(self) -> None:
         self.target = self.family.block_output(self.fp_out)
         if self.part is None:
-            self.part = Part.whole(io_len(self.q_io))
+            self.part = Part.whole(io_len(self.q_io), self.batch_size)
 
     def layer_stats(self, name: str) -> LayerStats:
         """The calibration statistics of layer ``name``, on the block's device."""
