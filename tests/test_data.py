@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import vmq.models  # noqa: F401
-from vmq.data import eval_loader, folder_dataset, shipped_eval_set
+from vmq.data import eval_loader, eval_transform, folder_dataset, shipped_eval_set
 from vmq.errors import VmqError
 
 
@@ -46,6 +46,29 @@ def test_folder_matches_shipped_arrays(tmp_path):
         torch.testing.assert_close(x, x_ref)
         assert y == y_ref  # label numbers follow the model's classes, even with classes missing
     assert len({y for _, y in folder}) < 10  # the 24 images lack some classes
+
+
+def test_batches_hold_the_per_image_transform_bits(tmp_path):
+    # the workers stop at uint8 tensors and the batch is normalised at once: the same bits as the
+    # full per-image transform, for images that need resizing and cropping (and a grey one) too
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32), (40, 37), (29, 50), (64, 64), (33, 31)]
+    (tmp_path / "cat").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        (img.convert("L") if i == 4 else img).save(tmp_path / "cat" / f"{i}.png")
+    model = timm.create_model("test_vim").eval()
+    full, _ = eval_transform(model)
+    for data in (tmp_path, None):
+        loader, _, _ = eval_loader(model, data, batch_size=4, limit=None if data else 9, workers=0)
+        got = torch.cat([b.images for b in loader])
+        base = loader.dataset
+        if data is None:
+            expected = torch.stack([full(Image.fromarray(base.base.images[k])) for k in base.indices])
+        else:
+            expected = torch.stack([full(Image.open(tmp_path / "cat" / f"{i}.png").convert("RGB"))
+                                    for i in range(len(sizes))])
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_unknown_class_folder(tmp_path):
