@@ -10,7 +10,9 @@ measures, one after the other on the same machine:
   (a) ``vmq eval --data FOLDER --json``: images/s of the whole pipeline (reading and decoding in
       the loader's workers, transform, batching, forward, top-k), as the command reports it;
   (b) the same model's forward-only images/s on preloaded tensors of the same batch size, in
-      the same loop shape (forward and top-k per batch), with the same threads.
+      the same loop shape (forward and top-k per batch), with the same threads;
+  (c) the data path alone: images/s of ``vmq eval``'s loader over the folder (same workers and
+      transform), no model.
 
 Prints both and their ratio (target: end-to-end at least 0.75 of forward-only, i.e. the data
 path costs at most a quarter), and the folder's top-1 and image count.
@@ -40,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vmq.compress.api import load_model  # noqa: E402
-from vmq.data import eval_transform, shipped_calibration_set, shipped_eval_set  # noqa: E402
+from vmq.data import eval_loader, eval_transform, shipped_calibration_set, shipped_eval_set  # noqa: E402
 from vmq.runtime import retain_freed_memory, set_threads  # noqa: E402
 
 TARGET = 0.75
@@ -73,6 +75,18 @@ def end_to_end(folder: Path, batch: int, workers, threads) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     return {**json.loads(proc.stdout), "command_seconds": round(time.perf_counter() - start, 2)}
+
+
+def data_only(folder: Path, batch: int, workers, threads) -> dict:
+    """images/s of the data path alone: ``vmq eval``'s loader over the folder (the same workers,
+    transform and batching), no model; what the data path could feed a free forward."""
+    set_threads(threads)
+    model = load_model(None, None).eval()
+    loader, _, _ = eval_loader(model, folder, batch_size=batch, workers=workers)
+    start, n = time.perf_counter(), 0
+    for b in loader:
+        n += 0 if b.images is None else b.images.shape[0]
+    return {"images_per_sec": round(n / (time.perf_counter() - start), 2), "workers": loader.num_workers}
 
 
 @torch.no_grad()
@@ -119,8 +133,9 @@ def main() -> None:
               f"in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     try:
         e2e = end_to_end(folder, args.batch_size, args.workers, args.threads)
-        fwd = forward_only(args.batch_size, args.threads if args.threads is not None else e2e["threads"],
-                           args.forward_batches, args.repeats)
+        threads = args.threads if args.threads is not None else e2e["threads"]
+        fwd = forward_only(args.batch_size, threads, args.forward_batches, args.repeats)
+        data = data_only(folder, args.batch_size, args.workers, threads)
     finally:
         if tmp is not None and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +143,7 @@ def main() -> None:
     result = {"folder": str(folder), "images": e2e["num_images"], "batch_size": args.batch_size,
               "threads": e2e["threads"], "workers": e2e["workers"], "cpus": os.cpu_count(),
               "end_to_end_images_per_sec": e2e["images_per_sec"], "forward_only_images_per_sec": fwd["images_per_sec"],
-              "ratio": round(ratio, 3), "target": TARGET, "meets_target": ratio >= TARGET, "top1": e2e["top1"],
+              "data_only_images_per_sec": data["images_per_sec"], "ratio": round(ratio, 3), "target": TARGET, "meets_target": ratio >= TARGET, "top1": e2e["top1"],
               "eval_command_seconds": e2e["command_seconds"]}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -138,6 +153,7 @@ def main() -> None:
     e2e_rate, fwd_rate = result["end_to_end_images_per_sec"], result["forward_only_images_per_sec"]
     print(f"  end-to-end (vmq eval)    {e2e_rate:10.1f} images/s   top-1 {result['top1']:.2f} %")
     print(f"  forward-only (preloaded) {fwd_rate:10.1f} images/s")
+    print(f"  data path only (no model){result['data_only_images_per_sec']:10.1f} images/s")
     print(f"  ratio end-to-end / forward-only: {ratio:.3f} (target >= {TARGET}: "
           f"{'met' if result['meets_target'] else 'NOT met'})")
 
