@@ -20,9 +20,7 @@ from vmq.calib import CalibStats, model_fingerprint
 from vmq.compress.methods.base import Method
 from vmq.distributed import Part
 from vmq.errors import VmqError
-from vmq.layers import KINDS
-from vmq.modules import set_module
-from vmq.pack.format import packed_state
+from vmq.pack.format import load_runtime_state, packed_state
 from vmq.progress import images_sha256, tensor_sha256
 from vmq.recipe import Recipe
 
@@ -61,28 +59,15 @@ def restore_block(block: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, 
     """Make ``block`` (floating point, as built) what :func:`block_record` recorded; its reports.
 
     ``where`` names the record in error messages."""
-    device = next(block.parameters()).device
     try:
-        specs = dict(meta["layers"])
-        for name, spec in specs.items():
-            prefix = f"{name}."
-            local = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
-            shape = tuple(int(v) for v in local.pop("weight_shape").tolist())
-            set_module(block, name, KINDS[spec["kind"]].from_packed(spec, local, shape).to(device))
-        reports = [method.report_type(**fields) for fields in meta["reports"]]
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        specs, fields = dict(meta["layers"]), list(meta["reports"])
+    except (KeyError, TypeError, ValueError) as exc:
         raise VmqError(f"{where}: broken progress record ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    load_runtime_state(block, specs, tensors, where, "the block")
     try:
-        result = block.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        raise VmqError(f"{where}: the recorded tensors do not fit the block: "
-                       f"{str(exc).strip().splitlines()[-1].strip()}") from None
-    inside = tuple(f"{name}." for name in specs)
-    missing = [k for k in result.missing_keys if not k.startswith(inside)]
-    if missing or result.unexpected_keys:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
-        raise VmqError(f"{where}: the recorded tensors do not fit the block ({what})")
-    return reports
+        return [method.report_type(**f) for f in fields]
+    except TypeError as exc:
+        raise VmqError(f"{where}: broken progress record ({exc})".splitlines()[0]) from None
 
 
 __all__ = ["compress_identity", "block_record", "restore_block", "NOT_IN_IDENTITY"]

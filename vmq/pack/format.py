@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from vmq import __version__
 from vmq.errors import VmqError
@@ -185,18 +185,31 @@ def load_packed(path: Union[str, Path], verify: bool = True) -> Tuple[nn.Module,
         raise VmqError(f"cannot read {path}: {type(exc).__name__}") from None
     meta["payload_check"] = check_payload(path, meta, tensors if verify else None)
     model, name, layer_specs = _build_model(path, meta, header.file_size)
-    modules = dict(model.named_modules())
-    for lname, spec in layer_specs.items():
-        set_module(model, lname, _load_layer(path, name, lname, spec, modules.get(lname), tensors))
-    try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        raise VmqError(f"{path}: tensors do not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
-    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in layer_specs))]
-    if missing or result.unexpected_keys:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
-        raise VmqError(f"{path}: tensors do not fit {name}: {what}")
+    load_runtime_state(model, layer_specs, tensors, str(path), name)
     return model.eval(), meta
+
+
+def load_runtime_state(module: nn.Module, specs: Dict[str, Any], tensors: Dict[str, Tensor], where: str,
+                       what: str) -> None:
+    """Make ``module`` (floating point, as built) what :func:`packed_state` gave: each layer of
+    ``specs`` rebuilt as its runtime kind from its tensors (on the device of the layer it
+    replaces), every other tensor loaded by name; anything missing or left over is an error.
+
+    The packed file's loader and ``--resume`` (a recorded block) share it; ``where`` begins
+    error messages and ``what`` names ``module`` in them. Consumes ``tensors``."""
+    modules = dict(module.named_modules())
+    for lname, spec in specs.items():
+        target = modules.get(lname)
+        layer = _load_layer(where, what, lname, spec, target, tensors)
+        set_module(module, lname, layer.to(target.weight.device))
+    try:
+        result = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise VmqError(f"{where}: tensors do not fit {what}: {str(exc).strip().splitlines()[-1].strip()}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"{n}." for n in specs))]
+    if missing or result.unexpected_keys:
+        found = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise VmqError(f"{where}: tensors do not fit {what}: {found}")
 
 
 def check_payload(path: Path, meta: dict, tensors: Optional[Dict[str, torch.Tensor]]) -> str:
@@ -269,7 +282,7 @@ def _within(value, base, cap: Optional[int] = None) -> bool:
     return all(_within(v, items[i] if i < len(items) else biggest) for i, v in enumerate(value))
 
 
-def _load_layer(path: Path, model_name: str, lname: str, spec: dict, target: Optional[nn.Module], tensors: dict):
+def _load_layer(path: Union[str, Path], model_name: str, lname: str, spec: dict, target: Optional[nn.Module], tensors: dict):
     """The runtime layer ``lname`` rebuilt from ``spec`` and its tensors (popped from ``tensors``)."""
     if not isinstance(target, nn.Linear):
         raise VmqError(f"{path}: {model_name} has no linear layer {lname}")
@@ -317,4 +330,5 @@ class _Named(dict):
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READS_MAJOR", "MAX_EXPANSION", "packed_state", "save_packed", "load_packed",
+           "load_runtime_state",
            "read_metadata", "is_packed", "parse_version", "packed_meta", "check_payload"]
