@@ -162,7 +162,8 @@ class Dist:
             return data if data is not None else b""
         size = self.broadcast_int(len(data) if self.is_main and data is not None else 0)
         if self.is_main:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8,
+                                                                                                  device="cpu")
             buf = buf.to(self.comm_device)
         else:
             buf = torch.empty(size, dtype=torch.uint8, device=self.comm_device)

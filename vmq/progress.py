@@ -73,7 +73,7 @@ def images_sha256(images: Tensor, unit: int, dist: Dist = SINGLE) -> str:
     this process's shard): the sha256 of each batch's :func:`tensor_sha256`, in batch order over
     all processes. The same for any number of processes (every process gets it)."""
     digests = [bytes.fromhex(tensor_sha256([("images", chunk)])) for chunk in images.split(unit)]
-    local = torch.tensor(list(b"".join(digests)), dtype=torch.uint8).view(-1, 32) if digests else None
+    local = torch.tensor(list(b"".join(digests)), dtype=torch.uint8, device="cpu").view(-1, 32) if digests else None
     every = dist.gather_cat(local)
     return hashlib.sha256(every.numpy().tobytes() if every is not None else b"").hexdigest()
 

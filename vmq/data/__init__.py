@@ -256,8 +256,8 @@ class BatchNormalize:
     bits, for one vectorised operation per batch instead of two Python-level ones per image."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device="cpu").view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device="cpu").view(-1, 1, 1)
 
     def __call__(self, images: Tensor) -> Tensor:
         return images.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
