@@ -161,15 +161,14 @@ class Dist:
         if not self.active:
             return data if data is not None else b""
         size = self.broadcast_int(len(data) if self.is_main and data is not None else 0)
+        if not size:
+            return b""
         if self.is_main:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8,
-                                                                                                  device="cpu")
-            buf = buf.to(self.comm_device)
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device)
         else:
             buf = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
-        if size:
-            tdist.broadcast(buf, src=0)
-        return buf.cpu().numpy().tobytes() if size else b""
+        tdist.broadcast(buf, src=0)
+        return buf.cpu().numpy().tobytes()
 
     def broadcast_tensors(self, tensors: Sequence[Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's."""

@@ -10,7 +10,7 @@ the loss over all inputs, before and after.
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +77,9 @@ class BlockTrainer:
     """Steps of an optimiser on ``params`` of ``block``, each on a random batch of ``inputs``.
 
     Inside the ``with`` block only ``params`` require gradients; the block's own flags are
-    restored afterwards (and ``params`` left without gradients). Batches come from a local CPU
-    generator seeded with ``seed``, so a run does not depend on global random state, and a run on
-    a GPU takes the same batches as one on the CPU.
+    restored afterwards (and ``params`` left without gradients). Batches come from
+    :func:`batch_indices` (a ``random.Random(seed)`` of its own), so a run does not depend on
+    global random state, and a run on a GPU takes the same batches as one on the CPU.
 
     A step's gradient is that of the batch's mean loss, computed the same way in one process and
     in many: the batch is split by the units of ``part`` (calibration batches, which processes
@@ -132,12 +132,12 @@ class BlockTrainer:
             if part.start <= i < part.stop:  # ranks hold whole units
                 units.setdefault(i // part.unit, []).append(i - part.start)
         flat = [i for unit in units.values() for i in unit]
-        local = torch.tensor(flat, dtype=torch.long, device=torch.device("cpu"))
+        held = torch.tensor(flat, dtype=torch.long, device=torch.device("cpu"))
         if self.target.device.type == "cuda":  # one copy per step, not one per unit
-            local = local.pin_memory().to(self.target.device, non_blocking=True)
+            held = held.pin_memory().to(self.target.device, non_blocking=True)
         sums = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
         seen = [False] * len(self.params)
-        for local in local.split([len(unit) for unit in units.values()]):
+        for local in held.split([len(unit) for unit in units.values()]):
             share = local.numel() / len(idx)
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
