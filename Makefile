@@ -8,7 +8,7 @@ EXT    := build/.extension
 CSRC   := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 DATA   ?= ../shared/data/cifar10
 
-.PHONY: install extension demo test test-isa reference-model bench gpu-check gpu-wheels clean
+.PHONY: install extension demo test test-slow test-isa reference-model bench gpu-check gpu-wheels clean
 
 install: $(EXT)
 
@@ -39,6 +39,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The README's accuracy claims, rerun with the default recipes on the reference model (slow).
+test-slow: install
+	$(PY) -m pytest -q --run-slow -m slow tests
 
 # The CPU kernels' other code paths: AVX2 without AVX-512 (x86-64-v3) and the compiler's portable
 # target, each built (CPU kernels only) in a scratch copy and held to the twins by the kernel tests.

@@ -14,8 +14,15 @@ SHARED = Path(os.environ.get("VMQ_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (the README's accuracy claims, minutes each; make test-slow)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: checks a README accuracy claim with full default recipes (minutes "
+                                       "each); runs with --run-slow, as `make test-slow` does")
     expect = os.environ.get("VMQ_EXPECT_ROOT")  # make test-isa: the scratch build must be the one imported
     if expect:
         import vmq
@@ -49,12 +56,13 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device")
+    no_gpu = pytest.mark.skip(reason="no CUDA device")
+    not_slow = pytest.mark.skip(reason="slow: runs with --run-slow (make test-slow)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(not_slow)
 
 
 @pytest.fixture(scope="session")

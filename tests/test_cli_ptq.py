@@ -126,6 +126,7 @@ def test_eval_refuses_a_corrupt_packed_file(packed, tmp_path):
     assert "broken.safetensors" in line
 
 
+@pytest.mark.slow
 def test_ptq_targets_on_the_reference_model(tmp_path):
     """The README's claims: W8A8 within 0.3 points of FP; W4A8 within 2 points, following FP closer than RTN."""
     results = {}

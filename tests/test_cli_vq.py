@@ -120,6 +120,7 @@ def test_vq_same_inputs_same_bytes(stats, tmp_path, recipe):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_vq_targets_on_the_reference_model(tmp_path):
     """The README's claims: 3-bit ViM-VQ within 1 point of FP; 2-bit within 3 points and 2 points ahead of k-means."""
     results = {}
