@@ -1,4 +1,4 @@
-"""PTQ results on a reference model: W8A8, W6A6, W4A8 x {RTN, SmoothQuant, PTS, PTQ4VM}.
+"""PTQ results on a reference model: W8A8, W6A6, W4A8, W4A4 x {RTN, SmoothQuant, PTS, PTQ4VM}.
 
 Runs ``vmq quantize --json`` for each cell (one at a time), keeps each run's JSON in --work (a
 rerun skips finished cells), and writes a markdown table between the model's PTQ_TABLE markers
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _readme import markers, model_sets, write_between  # noqa: E402
 from vmq.models import REFERENCE_MODEL  # noqa: E402
 from vmq.models.registry import shipped_weights  # noqa: E402
-SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
+SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 METHODS = {  # recipe file, shown name
     "rtn": ("configs/w4a8-rtn.yaml", "RTN"),
     "smoothquant": ("configs/w4a8-smoothquant.yaml", "SmoothQuant"),

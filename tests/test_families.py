@@ -42,8 +42,9 @@ def test_family_protocol(name):
         for _, block in fam.blocks(model):
             io = fam.run_block(block, io)
         assert io_len(io) == len(images)
-        # the training scan gives the fused scan's logits
         ref = model(images)
+        assert torch.equal(fam.head(model, io), ref)  # the blocks, then the head: the model's logits
+        # the training scan gives the fused scan's logits
         with fam.scan_implementation(model, "train"):
             torch.testing.assert_close(model(images), ref, atol=1e-4, rtol=1e-4)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)

@@ -193,7 +193,7 @@ def test_jlss_lowers_the_block_loss(tiny, loss, target):
     model, images, stats = tiny
     qmodel = copy.deepcopy(model)
     r = recipe(method="ptq4vm", scheme="W4A8",
-               jlss={"iterations": 30, "batch_size": 8, "lr_scale": 1e-3, "loss": loss, "target": target})
+               jlss={"iterations": 30, "batch_size": 8, "lr_scale": 1e-3, "loss": loss, "target": target, "holdout": 0})
     with torch.no_grad():  # JLSS turns gradients on for itself
         reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
     for rep in reports:
@@ -210,6 +210,64 @@ def test_jlss_never_leaves_a_block_worse_than_its_start(tiny):
         reports = quantize_model(qmodel, r.quantization, images, stats, batch_size=8)
     for rep in reports:
         assert rep.jlss_loss_after <= rep.jlss_loss_before
+
+
+def test_holdout_split_takes_whole_calibration_batches_from_the_end():
+    from vmq.optimise import holdout_split
+
+    assert holdout_split(256, 32, 0.25) == 192  # 8 batches: the last 2 held out
+    assert holdout_split(250, 32, 0.25) == 192  # the short last batch is one of them
+    assert holdout_split(16, 8, 0.25) == 8  # two batches: one each
+    assert holdout_split(8, 8, 0.25) == 8 and holdout_split(256, 32, 0) == 256  # nothing to hold out
+    assert holdout_split(64, 8, 0.99) == 8  # at least one batch to learn from
+
+
+def test_learning_never_draws_held_out_images(tiny):
+    from vmq.optimise import BlockTrainer
+
+    model, _, _ = tiny
+    trainer = BlockTrainer(family_of(model), model.layers[0], (torch.zeros(40, 3, 4), None), torch.zeros(40, 3, 4),
+                           None, 16, 0, [], learn_items=24)
+    drawn = [next(trainer.batches) for _ in range(50)]
+    assert {i for batch in drawn for i in batch} == set(range(24)) and all(len(b) == 16 for b in drawn)
+
+
+@pytest.mark.parametrize("select", ["logits", "block"])
+def test_jlss_keeps_the_parameters_best_on_held_out_images(tiny, select):
+    model, images, stats = tiny
+    r = recipe(method="ptq4vm", scheme="W4A8", jlss={"iterations": 20, "batch_size": 8, "lr_scale": 1e-3,
+                                                     "holdout": 0.5, "check_every": 5, "select": select})
+    with torch.no_grad():
+        reports = quantize_model(copy.deepcopy(model), r.quantization, images, stats, batch_size=8)
+    for rep in reports:  # 16 images in batches of 8: learning on the first 8, checks on the other 8
+        assert rep.jlss_holdout_after <= rep.jlss_holdout_before and rep.jlss_steps_kept in (0, 5, 10, 15, 20)
+        if rep.jlss_steps_kept == 0:
+            assert rep.jlss_holdout_after == rep.jlss_holdout_before and rep.jlss_loss_after == rep.jlss_loss_before
+    assert any(rep.jlss_steps_kept > 0 and rep.jlss_holdout_after < rep.jlss_holdout_before for rep in reports)
+    # a learning rate far too large: no check ever beats the start, which every block keeps
+    r = recipe(method="ptq4vm", scheme="W4A8", jlss={"iterations": 5, "batch_size": 8, "lr_scale": 10.0})
+    with torch.no_grad():
+        reports = quantize_model(copy.deepcopy(model), r.quantization, images, stats, batch_size=8)
+    assert {rep.jlss_steps_kept for rep in reports} == {0}
+    assert all(rep.jlss_loss_after == rep.jlss_loss_before for rep in reports)
+
+
+def test_held_out_logit_check_is_the_models_logit_error(tiny):
+    from vmq.compress.engine import _tail
+    from vmq.distributed import Part
+    from vmq.quant.jlss import logit_error
+
+    model, images, _ = tiny
+    fam = family_of(model)
+    with torch.no_grad():
+        fp = model(images)
+        io = fam.embed(model, images)
+        blocks = fam.blocks(model)
+        noisy = (io[0] + 0.05 * torch.randn_like(io[0]), io[1])  # the first block's inputs, disturbed
+        out = fam.head(model, fam.run_block(blocks[1][1], fam.run_block(blocks[0][1], noisy)))
+        expected = ((out - fp).double().pow(2)[8:].sum() / fp.double().pow(2)[8:].sum()).item()
+        got = logit_error(fam, blocks[0][1], noisy, _tail(model, fam, blocks[1:]), fp, Part.whole(16, 8), (8, 16)).item()
+    assert got == pytest.approx(expected, rel=1e-5) and got > 0  # (batches of 8 there, 16 here: fp32 rounding)
 
 
 def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):

@@ -10,14 +10,14 @@ the loss over all inputs, before and after.
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmq.distributed import Part
-from vmq.models.family import BlockIO, ModelFamily, io_batches, io_len, io_slice
+from vmq.models.family import BlockIO, ModelFamily, io_len, io_slice
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -40,23 +40,39 @@ LOSSES = {
 
 
 def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
-               batch_size: int, part: Optional[Part] = None) -> float:
-    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples.
+               batch_size: int, part: Optional[Part] = None, items: Optional[Tuple[int, int]] = None,
+               on_device: bool = False) -> Union[float, Tensor]:
+    """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples
+    (over the samples ``[items[0], items[1])`` of the whole set alone when ``items`` is given; both
+    ends on unit boundaries).
 
     The block runs on one unit of ``part`` at a time (a calibration batch; ``batch_size`` samples
     when ``part`` is None), so each sample's loss is the same whether one process or several
     compute it. The sum stays on the device (in float64) until the end: one host sync, not one per
     unit. With ``part`` (``inputs`` are a process's shard of a set of ``part.total`` samples) the
-    sums of all processes are added: every process gets the loss over the whole set."""
+    sums of all processes are added: every process gets the loss over the whole set.
+    ``on_device``: the loss as a float64 tensor on the device, with no host sync at all."""
     part = part if part is not None else Part.whole(io_len(inputs), batch_size)
-    total, offset = torch.zeros((), dtype=torch.float64, device=target.device), 0
+    lo, hi = items if items is not None else (0, part.total)
+    first, last = max(lo, part.start) - part.start, min(hi, part.stop) - part.start  # this process's share
+    total = torch.zeros((), dtype=torch.float64, device=target.device)
     with torch.no_grad():
-        for chunk in io_batches(inputs, part.unit):
-            out = family.block_output(family.run_block(block, chunk))
-            n = out.shape[0]
-            total += loss_fn(out, target[offset:offset + n]).double() * n
-            offset += n
-    return part.dist.sum(total).item() / part.total
+        for i in range(first, last, part.unit):  # one unit read at a time (offloaded inputs too)
+            rows = slice(i, min(i + part.unit, last))
+            out = family.block_output(family.run_block(block, io_slice(inputs, rows)))
+            total += loss_fn(out, target[rows]).double() * out.shape[0]
+    mean = part.dist.sum(total) / (hi - lo)
+    return mean if on_device else mean.item()
+
+
+def holdout_split(total: int, unit: int, share: float) -> int:
+    """How many of ``total`` samples (in units of ``unit``, the last one possibly short) learning
+    may use when a ``share`` of them is held out: the held-out samples are the last
+    ``round(units x share)`` whole units (at least one when ``share`` > 0 and there are two units
+    or more; none with a single unit), so processes, which hold whole units, agree on the split."""
+    units = -(-total // unit)
+    held = 0 if share <= 0 or units < 2 else min(units - 1, max(1, round(units * share)))
+    return min(total, (units - held) * unit)
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[List[int]]:
@@ -90,15 +106,18 @@ class BlockTrainer:
     exact, or off in the 16th digit), and every process takes the same step as one process would.
     ``on_share(share)`` is called after each unit's backward with its share of the batch (unit
     samples / batch samples), for gradients whose scale depends on the batch size (LSQ's).
+    ``learn_items``: batches are drawn from the first ``learn_items`` samples of the whole set
+    only (the rest held out, :func:`holdout_split`); default all.
     """
 
     def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
                  batch_size: int, seed: int, params: List[Tensor], part: Optional[Part] = None,
-                 on_share: Optional[Callable[[float], None]] = None):
+                 on_share: Optional[Callable[[float], None]] = None, learn_items: Optional[int] = None):
         self.family, self.block, self.inputs, self.target = family, block, inputs, target
         self.loss_fn, self.params, self.on_share = loss_fn, params, on_share
         self.part = part if part is not None else Part.whole(io_len(inputs), batch_size)
-        self.batches = batch_indices(self.part.total, batch_size, seed)
+        n = self.part.total if learn_items is None else learn_items
+        self.batches = batch_indices(n, min(batch_size, n), seed)
         self._saved = {}
 
     def __enter__(self) -> "BlockTrainer":
@@ -159,4 +178,4 @@ class BlockTrainer:
             p.requires_grad_(False)
 
 
-__all__ = ["LOSSES", "cosine_loss", "relative_mse", "block_loss", "batch_indices", "BlockTrainer"]
+__all__ = ["LOSSES", "cosine_loss", "relative_mse", "block_loss", "holdout_split", "batch_indices", "BlockTrainer"]

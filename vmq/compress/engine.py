@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from vmq.compress.resume import block_record, restore_block
 from vmq.distributed import Part
 from vmq.errors import VmqError
 from vmq.metrics import snr_db
-from vmq.models.family import family_of
+from vmq.models.family import BlockIO, ModelFamily, family_of
 from vmq.progress import ProgressStore
 from vmq.runtime import ieee_float32
 
@@ -69,9 +69,10 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
     store = store if store is not None else ActivationStore(device)
     reports: List[Any] = []
     with scan, torch.no_grad(), ieee_float32(device):
+        blocks = family.blocks(model)
+        fp_logits = _logits(model, images, batch_size, device) if method.needs_logits() else None
         fp_io = store.embed(family, model, images, batch_size)
         q_io = fp_io
-        blocks = family.blocks(model)
         done = progress.done if progress is not None else 0
         for i, (prefix, block) in enumerate(blocks):
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
@@ -83,7 +84,8 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
                 block_reports = restore_block(block, *progress.load_block(i), method, f"{progress.folder} block {i}")
             elif names:
                 job = BlockJob(family, i, prefix, block, names, q_io, fp_out, stats, batch_size, seed + i, store,
-                               part)
+                               part, _tail(model, family, blocks[i + 1:]) if fp_logits is not None else None,
+                               fp_logits)
                 block_reports = _compress_block(method, job)
                 del job
                 part.dist.broadcast_tensors(list(block.state_dict().values()))
@@ -98,6 +100,20 @@ def compress_model(model: nn.Module, method: Method, images: Tensor, stats: Cali
             if on_block is not None:
                 on_block(i + 1, len(blocks), prefix)
     return reports
+
+
+def _logits(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """The model's logits on ``images`` (anywhere), in batches on ``device``."""
+    return torch.cat([model(images[i:i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)])
+
+
+def _tail(model: nn.Module, family: ModelFamily, rest: List[Tuple[str, nn.Module]]) -> Callable[[BlockIO], Tensor]:
+    """Logits from a block's output through the blocks ``rest`` and the head."""
+    def tail(io: BlockIO) -> Tensor:
+        for _, block in rest:
+            io = family.run_block(block, io)
+        return family.head(model, io)
+    return tail
 
 
 def _compress_block(method: Method, job: BlockJob) -> List[Any]:

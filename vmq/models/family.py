@@ -99,6 +99,10 @@ class ModelFamily(abc.ABC):
     def block_output(self, io: BlockIO) -> Tensor:
         """The tensor of a block's output that block losses compare."""
 
+    @abc.abstractmethod
+    def head(self, model: nn.Module, io: BlockIO) -> Tensor:
+        """The logits from the last block's output ``io`` (final norm, pooling, classifier)."""
+
     # -- compression ----------------------------------------------------------------------
     @abc.abstractmethod
     def default_targets(self) -> List[str]:

@@ -329,6 +329,10 @@ class LocalVisionMamba(nn.Module):
         hidden, residual = self.embed(x), None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
+        return self.pooled(hidden, residual)
+
+    def pooled(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        """The head's input from the last block's ``(hidden, residual)``."""
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
         pos = self.cfg.cls_position

@@ -295,6 +295,10 @@ class VisionMamba(nn.Module):
         hidden, residual = self.embed(x), None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
+        return self.pooled(hidden, residual)
+
+    def pooled(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        """The head's input from the last block's ``(hidden, residual)``."""
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
         pos = self.cfg.cls_position
@@ -333,6 +337,9 @@ class VimFamily(ModelFamily):
 
     def block_output(self, io: BlockIO) -> Tensor:
         return io[0]  # the mixer output; the residual stream is the sum of the earlier ones
+
+    def head(self, model: VisionMamba, io: BlockIO) -> Tensor:
+        return model.head(model.pooled(io[0], io[1]))
 
     def default_targets(self) -> List[str]:
         return [r"re:layers\.\d+\.mixer\.(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"]

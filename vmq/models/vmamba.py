@@ -177,6 +177,9 @@ class VMambaFamily(ModelFamily):
     def block_output(self, io: BlockIO) -> Tensor:
         return io[0]
 
+    def head(self, model: VSSMBase, io: BlockIO) -> Tensor:
+        return model.classifier.head(model.classifier.pool(io[0]))
+
     def default_targets(self) -> List[str]:
         return [r"re:layers\.\d+\.blocks\.\d+\.(op\.(in_proj|x_proj\.\d+|dt_projs\.\d+|out_proj)|mlp\.fc[12])$",
                 r"re:layers\.\d+\.downsample\.(proj|reduction)$"]

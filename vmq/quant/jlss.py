@@ -11,26 +11,50 @@ see :mod:`vmq.quant.quantizers`), gradient clipping, step sizes kept positive.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from vmq.distributed import Part
-from vmq.models.family import BlockIO, ModelFamily
-from vmq.optimise import LOSSES, BlockTrainer, block_loss
+from vmq.models.family import BlockIO, ModelFamily, io_len, io_slice
+from vmq.optimise import LOSSES, BlockTrainer, block_loss, holdout_split
 from vmq.quant.qlinear import QuantLinear
 from vmq.quant.recipe import JLSS
 
 
+@dataclass
+class JLSSResult:
+    """A block's JLSS outcome: its loss on the images it learned from and on the held-out ones
+    (None without held-out images), before and after; ``steps_kept``: the step whose parameters
+    the block keeps (0: its starting parameters)."""
+
+    loss_before: float
+    loss_after: float
+    holdout_before: Optional[float]
+    holdout_after: Optional[float]
+    steps_kept: int
+
+
 def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor,
                 layers: Dict[str, QuantLinear], cfg: JLSS, seed: int = 0,
-                part: Optional[Part] = None) -> Tuple[float, float]:
+                part: Optional[Part] = None, tail: Optional[Callable[[BlockIO], Tensor]] = None,
+                fp_logits: Optional[Tensor] = None) -> JLSSResult:
     """Optimise the quantization parameters of ``layers`` (inside ``block``) in place.
 
-    Returns the loss over all inputs before and after learning. When learning ended above its
-    start (too large a step for the block's step sizes, or noise on few images), the starting
-    parameters are put back, so a block never leaves JLSS worse on its own objective.
+    With ``cfg.holdout`` > 0 the last calibration batches (:func:`vmq.optimise.holdout_split`)
+    are held out: learning draws its batches from the others, the held-out loss is measured at
+    the start, every ``cfg.check_every`` steps and at the end, and the block keeps the parameters
+    with the lowest held-out loss (its starting ones if learning never lowered it: early stopping
+    on images learning did not see). What the check measures is ``cfg.select``: ``logits``, the
+    relative squared error of the model's logits against ``fp_logits`` (this process's images),
+    the block's output taken through ``tail`` (the blocks after it, still floating point, and the
+    head), which is what the evaluation's logit SNR measures; or ``block``, the block loss.
+    Without held-out images, the block keeps its learned
+    parameters unless they ended above the start on the learning images (too large a step, or
+    noise on few images). Either way a block never leaves JLSS worse than it started on the loss
+    that decides.
     ``part``: ``inputs`` are this process's shard (torch.distributed); losses and gradients are
     over the whole set (:class:`vmq.optimise.BlockTrainer`), so every process decides alike.
     """
@@ -42,34 +66,85 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
             act_scales.append(q.a_quant.scale)
         if q.smoothing:
             smooths.append(q.log_smooth)
+    params = scales + smooths
     groups = [{"params": scales, "lr": cfg.lr_scale}]
     if smooths:
         groups.append({"params": smooths, "lr": cfg.lr_smooth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     loss_fn = LOSSES[cfg.loss]
+    part = part if part is not None else Part.whole(io_len(inputs), cfg.batch_size)
+    learn = holdout_split(part.total, part.unit, cfg.holdout)
+    held = (learn, part.total) if learn < part.total else None
 
-    before = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part)
-    start = [p.detach().clone() for p in scales + smooths]
-    for q in layers.values():  # LSQ gradient scaling is active in training mode; the rest stays in eval
-        q.train()
+    def loss(items):
+        return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items)
+
+    def check(items):  # on the device: no host sync per check (a GPU run keeps going)
+        if cfg.select == "block" or tail is None:
+            return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items, on_device=True)
+        return logit_error(family, block, inputs, tail, fp_logits, part, items)
+
+    before = loss((0, learn))
+    best = [p.detach().clone() for p in params]  # the start, then the best checked step's
+    if held:
+        held_before = check(held)
+        best_held, kept = held_before.clone(), torch.zeros((), dtype=torch.long, device=held_before.device)
     try:
-        with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, scales + smooths,
-                          part, lambda share: _whole_batch_lsq(act_scales, share)) as trainer:
-            for _ in range(cfg.iterations):
+        with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, params, part,
+                          lambda share: _whole_batch_lsq(act_scales, share), learn_items=learn) as trainer:
+            for step in range(1, cfg.iterations + 1):
+                for q in layers.values():  # LSQ gradient scaling is active in training mode only
+                    q.train()
                 trainer.step(opt, cfg.grad_clip)
                 with torch.no_grad():
                     for p in scales:
                         p.clamp_(min=1e-8)
+                for q in layers.values():
+                    q.eval()
+                if held and (step % cfg.check_every == 0 or step == cfg.iterations):
+                    h = check(held)
+                    better = h < best_held  # (never for NaN)
+                    with torch.no_grad():
+                        for b, p in zip(best, params):
+                            b.copy_(torch.where(better, p, b))
+                    best_held = torch.where(better, h, best_held)
+                    kept = torch.where(better, torch.full_like(kept, step), kept)
     finally:
         for q in layers.values():
             q.eval()
-    after = block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part)
-    if not after <= before:  # (also when the loss became NaN)
+    if held:  # the best checked step's parameters (the last step's when it was the best)
         with torch.no_grad():
-            for p, p0 in zip(scales + smooths, start):
-                p.copy_(p0)
-        after = before
-    return before, after
+            for p, b in zip(params, best):
+                p.copy_(b)
+        after = loss((0, learn))
+        kept, held_before, best_held = int(kept.item()), held_before.item(), best_held.item()
+    else:  # no held-out images: the end, unless it is worse than the start on the learning images
+        after = loss((0, learn))
+        held_before = best_held = None
+        kept = cfg.iterations if after <= before else 0  # (not after a NaN either)
+        if kept == 0:
+            with torch.no_grad():
+                for p, b in zip(params, best):
+                    p.copy_(b)
+            after = before
+    return JLSSResult(before, after, held_before, best_held, kept)
+
+
+def logit_error(family: ModelFamily, block: nn.Module, inputs: BlockIO, tail: Callable[[BlockIO], Tensor],
+                fp_logits: Tensor, part: Part, items: Tuple[int, int]) -> Tensor:
+    """sum |z - z_fp|^2 / sum |z_fp|^2 over the samples ``items`` of the whole set (both ends on
+    unit boundaries), ``z`` the logits of ``block``'s output through ``tail``: the logit SNR is
+    -10 log10 of it. Sums in float64, over processes too; the result stays on the device."""
+    lo, hi = items
+    first, last = max(lo, part.start) - part.start, min(hi, part.stop) - part.start
+    sums = torch.zeros(2, dtype=torch.float64, device=fp_logits.device)
+    with torch.no_grad():
+        for i in range(first, last, part.unit):
+            rows = slice(i, min(i + part.unit, last))
+            z, ref = tail(family.run_block(block, io_slice(inputs, rows))).double(), fp_logits[rows].double()
+            sums += torch.stack(((z - ref).pow(2).sum(), ref.pow(2).sum()))
+    sums = part.dist.sum(sums)
+    return sums[0] / sums[1].clamp(min=1e-300)
 
 
 def _whole_batch_lsq(act_scales, share: float) -> None:
@@ -81,4 +156,4 @@ def _whole_batch_lsq(act_scales, share: float) -> None:
             p.grad.mul_(math.sqrt(share))
 
 
-__all__ = ["learn_block"]
+__all__ = ["JLSSResult", "learn_block", "logit_error"]

@@ -6,12 +6,12 @@ Grammar (llm-compressor style: one stage with ``targets``, ``ignore`` and ``sche
       method: ptq4vm            # a registered method: rtn | smoothquant | pts | ptq4vm
       targets: null             # exact names or re: patterns; null: the model family's default targets
       ignore: []                # exact names or re: patterns
-      scheme:                   # or a preset string: W8A8, W6A6, W4A8, W4A16
+      scheme:                   # or a preset string: W8A8, W6A6, W4A8, W4A4, W8A16, W4A16
         weights: {num_bits: 4, strategy: channel}
         input_activations: {num_bits: 8, strategy: token_static}
       smoothing: {alpha: 0.5}
-      truncation: {p: 2.4, grid: 100, num_images: 64}
-      jlss: {iterations: 100, batch_size: 64, lr_scale: 1e-3, lr_smooth: 1e-2, ...}
+      truncation: {p: 2.4, grid: 100, num_images: 256}
+      jlss: {iterations: 100, batch_size: 64, lr_scale: 1e-3, lr_smooth: 1e-2, holdout: 0.25, ...}
 
 What each method runs (the blocks of the steps it does not run are ignored):
 
@@ -37,6 +37,7 @@ PRESETS = {
     "W8A8": (8, 8),
     "W6A6": (6, 6),
     "W4A8": (4, 8),
+    "W4A4": (4, 4),
     "W8A16": (8, None),
     "W4A16": (4, None),
 }
@@ -59,7 +60,8 @@ class Smoothing(StrictModel):
 class Truncation(StrictModel):
     p: float = Field(2.4, gt=0.0, description="exponent of the Lp error the clipping range minimises")
     grid: int = Field(100, ge=2, le=10_000, description="candidate clipping ratios")
-    num_images: int = Field(64, ge=1, description="calibration images the activation search looks at")
+    num_images: int = Field(256, ge=1, description="calibration images the activation search looks at (at most "
+                                                  "the calibration set)")
 
 
 class JLSS(StrictModel):
@@ -74,6 +76,13 @@ class JLSS(StrictModel):
                                 "earlier blocks' error) or the quantized model's inputs (match this block only)")
     loss: Literal["cosine", "mse", "cosine+mse"] = Field(
         "mse", description="block-output loss: 1 - cosine per token (PTQ4VM), relative MSE, or their sum")
+    holdout: float = Field(0.25, ge=0.0, lt=1.0, description="share of the calibration images (the last whole "
+                           "calibration batches) learning does not use; the parameters that did best on them (see "
+                           "select) are kept (0: the last step's unless worse than the start)")
+    check_every: int = Field(10, ge=1, description="steps between two held-out checks")
+    select: Literal["logits", "block"] = Field(
+        "logits", description="what the held-out check compares with floating point: the model's logits (this "
+                              "block quantized, the blocks after it still floating point) or the block loss")
 
 
 class QuantizationStage(StageSpec):

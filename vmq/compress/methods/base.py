@@ -12,7 +12,7 @@ needs in its recipe block's schema.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Type
 
 from torch import Tensor, nn
 
@@ -43,6 +43,11 @@ class BlockJob:
     #: which samples of the calibration set ``q_io`` and ``fp_out`` hold (a shard under
     #: torch.distributed: losses, gradients and observed inputs then cover every process's)
     part: Optional[Part] = None
+    #: for methods that look at the whole model (:meth:`Method.needs_logits`): the logits from this
+    #: block's output through the blocks after it (still floating point) and the head, and the
+    #: floating-point model's logits on this process's calibration images
+    tail: Optional[Callable[[BlockIO], Tensor]] = None
+    fp_logits: Optional[Tensor] = None
     target: Tensor = field(init=False)  # what block losses compare with; a method may change it
 
     def __post_init__(self) -> None:
@@ -114,6 +119,10 @@ class Method:
 
     def __init__(self, stage: Any):
         self.stage = stage
+
+    def needs_logits(self) -> bool:
+        """Whether :meth:`fit` reads the model's logits (``BlockJob.tail`` and ``fp_logits``)."""
+        return False
 
     def check_stage(self) -> Optional[str]:
         """What is wrong with the recipe block for this method, or None."""

@@ -13,12 +13,16 @@ from vmq.quant.jlss import learn_block
 class PTQ4VM(TruncatingMethod):
     name = "ptq4vm"
 
+    def needs_logits(self) -> bool:
+        return self.stage.jlss.holdout > 0 and self.stage.jlss.select == "logits"
+
     def prepare(self, job: BlockJob):
         if self.stage.jlss.target == "quant_input":  # this floating-point block on the quantized inputs
             job.target = job.family.block_output(job.run(job.q_io))
         return super().prepare(job)
 
     def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
-        before, after = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed,
-                                    job.part)
-        return {"loss_before": before, "loss_after": after}
+        r = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed, job.part,
+                        job.tail, job.fp_logits)
+        return {"loss_before": r.loss_before, "loss_after": r.loss_after, "holdout_before": r.holdout_before,
+                "holdout_after": r.holdout_after, "steps_kept": r.steps_kept}

@@ -35,8 +35,11 @@ class LayerReport:
     a_strategy: Optional[str]
     smoothing: str  # "none", "explicit" or "folded into <module>"
     snr_db: float
-    jlss_loss_before: Optional[float] = None  # of the block, repeated on each of its layers
+    jlss_loss_before: Optional[float] = None  # of the block on the images it learned from, repeated on each layer
     jlss_loss_after: Optional[float] = None
+    jlss_holdout_before: Optional[float] = None  # the same on the held-out calibration images
+    jlss_holdout_after: Optional[float] = None
+    jlss_steps_kept: Optional[int] = None  # the step whose parameters the block kept (0: its start)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,10 +111,12 @@ class UniformMethod(Method):
         folded = info["folded"]
         smoothing = (f"folded into {job.prefix}{folded[name]}" if name in folded
                      else "explicit" if frozen.smooth_scale is not None else "none")
-        before, after = info.get("loss_before"), info.get("loss_after")
+        def r6(key):
+            return None if info.get(key) is None else round(info[key], 6)
+
         return LayerReport(job.prefix + name, frozen.w_bits, frozen.w_strategy, frozen.a_bits, frozen.a_strategy,
-                           smoothing, round(snr, 3), None if before is None else round(before, 6),
-                           None if after is None else round(after, 6))
+                           smoothing, round(snr, 3), r6("loss_before"), r6("loss_after"), r6("holdout_before"),
+                           r6("holdout_after"), info.get("steps_kept"))
 
 
 class SmoothingMethod(UniformMethod):
