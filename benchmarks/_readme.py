@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +34,22 @@ def model_sets(args) -> list:
     if args.calibration_data:
         sets.append(f"calibration.data={args.calibration_data}")
     return sets
+
+
+def quantize_cell(recipe: Path, bits: tuple, out: Path, sets: list, out_json: Path, label: str) -> dict:
+    """One ``vmq quantize --json`` at ``bits`` = (weights, activations) with ``--set`` overrides, its
+    JSON kept in ``out_json`` (a rerun returns the kept one)."""
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "vmq_cli.main", "quantize", "--recipe", str(recipe),
+           "--set", f"quantization.scheme.weights.num_bits={bits[0]}",
+           "--set", f"quantization.scheme.input_activations.num_bits={bits[1]}", "--out", str(out), "--json"]
+    cmd += [x for s in sets for x in ("--set", s)]
+    print(f"{label} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout)
+    out_json.write_text(json.dumps(result, indent=2))
+    return result

@@ -16,15 +16,13 @@ the block loss for ``block``), with the steps kept per block.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _readme import markers, model_sets, write_between  # noqa: E402
+from _readme import markers, model_sets, quantize_cell, write_between  # noqa: E402
 from vmq.models import REFERENCE_MODEL  # noqa: E402
 
 SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -47,22 +45,9 @@ VARIANTS = {
 
 
 def run_cell(scheme: str, variant: str, work: Path, sets: list) -> dict:
-    out_json = work / f"{scheme.lower()}-{variant.replace('/', '_')}.json"
-    if out_json.is_file():
-        return json.loads(out_json.read_text())
-    w, a = SCHEMES[scheme]
-    cmd = [sys.executable, "-m", "vmq_cli.main", "quantize", "--recipe", str(ROOT / "configs" / "w4a8.yaml"),
-           "--set", f"quantization.scheme.weights.num_bits={w}",
-           "--set", f"quantization.scheme.input_activations.num_bits={a}",
-           "--out", str(work / "model.safetensors"), "--json"]
-    cmd += [x for s in sets + VARIANTS[variant][1] for x in ("--set", s)]
-    print(f"[jlss_ablation] {scheme} {variant} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    result = json.loads(proc.stdout)
-    out_json.write_text(json.dumps(result, indent=2))
-    return result
+    return quantize_cell(ROOT / "configs" / "w4a8.yaml", SCHEMES[scheme], work / "model.safetensors",
+                         sets + VARIANTS[variant][1], work / f"{scheme.lower()}-{variant.replace('/', '_')}.json",
+                         f"[jlss_ablation] {scheme} {variant}")
 
 
 def blocks(result: dict) -> list:

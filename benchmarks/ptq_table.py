@@ -13,15 +13,13 @@ with fixture weights) gets the same table; its top-1 means little then, agreemen
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _readme import markers, model_sets, write_between  # noqa: E402
+from _readme import markers, model_sets, quantize_cell, write_between  # noqa: E402
 from vmq.models import REFERENCE_MODEL  # noqa: E402
 from vmq.models.registry import shipped_weights  # noqa: E402
 SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -34,23 +32,9 @@ METHODS = {  # recipe file, shown name
 
 
 def run_cell(scheme: str, method: str, work: Path, sets: list) -> dict:
-    out_json = work / f"{scheme.lower()}-{method}.json"
-    if out_json.is_file():
-        return json.loads(out_json.read_text())
-    w, a = SCHEMES[scheme]
-    recipe = ROOT / METHODS[method][0]
-    cmd = [sys.executable, "-m", "vmq_cli.main", "quantize", "--recipe", str(recipe),
-           "--set", f"quantization.scheme.weights.num_bits={w}",
-           "--set", f"quantization.scheme.input_activations.num_bits={a}",
-           "--out", str(work / f"{scheme.lower()}-{method}.safetensors"), "--json"]
-    cmd += [a for s in sets for a in ("--set", s)]
-    print(f"[ptq_table] {scheme} {method} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    result = json.loads(proc.stdout)
-    out_json.write_text(json.dumps(result, indent=2))
-    return result
+    stem = f"{scheme.lower()}-{method}"
+    return quantize_cell(ROOT / METHODS[method][0], SCHEMES[scheme], work / f"{stem}.safetensors", sets,
+                         work / f"{stem}.json", f"[ptq_table] {scheme} {method}")
 
 
 def table(model: str, results: dict, fp_bytes: int) -> str:
