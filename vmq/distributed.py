@@ -218,6 +218,12 @@ class Part:
     def size(self) -> int:
         return self.stop - self.start
 
+    def unit_rows(self, lo: int, hi: int) -> List[slice]:
+        """This process's rows of the global items ``[lo, hi)`` (both on unit boundaries), one
+        slice per unit, so that each is read (from wherever the rows are kept) one unit at a time."""
+        first, last = max(lo, self.start) - self.start, min(hi, self.stop) - self.start
+        return [slice(i, min(i + self.unit, last)) for i in range(first, last, self.unit)]
+
     def head(self, k: int) -> slice:
         """The local part of the global items ``[0, k)``."""
         return slice(0, max(0, min(k, self.stop) - self.start))

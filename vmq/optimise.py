@@ -54,11 +54,9 @@ def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: T
     ``on_device``: the loss as a float64 tensor on the device, with no host sync at all."""
     part = part if part is not None else Part.whole(io_len(inputs), batch_size)
     lo, hi = items if items is not None else (0, part.total)
-    first, last = max(lo, part.start) - part.start, min(hi, part.stop) - part.start  # this process's share
     total = torch.zeros((), dtype=torch.float64, device=target.device)
     with torch.no_grad():
-        for i in range(first, last, part.unit):  # one unit read at a time (offloaded inputs too)
-            rows = slice(i, min(i + part.unit, last))
+        for rows in part.unit_rows(lo, hi):
             out = family.block_output(family.run_block(block, io_slice(inputs, rows)))
             total += loss_fn(out, target[rows]).double() * out.shape[0]
     mean = part.dist.sum(total) / (hi - lo)

@@ -135,12 +135,9 @@ def logit_error(family: ModelFamily, block: nn.Module, inputs: BlockIO, tail: Ca
     """sum |z - z_fp|^2 / sum |z_fp|^2 over the samples ``items`` of the whole set (both ends on
     unit boundaries), ``z`` the logits of ``block``'s output through ``tail``: the logit SNR is
     -10 log10 of it. Sums in float64, over processes too; the result stays on the device."""
-    lo, hi = items
-    first, last = max(lo, part.start) - part.start, min(hi, part.stop) - part.start
     sums = torch.zeros(2, dtype=torch.float64, device=fp_logits.device)
     with torch.no_grad():
-        for i in range(first, last, part.unit):
-            rows = slice(i, min(i + part.unit, last))
+        for rows in part.unit_rows(*items):
             z, ref = tail(family.run_block(block, io_slice(inputs, rows))).double(), fp_logits[rows].double()
             sums += torch.stack(((z - ref).pow(2).sum(), ref.pow(2).sum()))
     sums = part.dist.sum(sums)
