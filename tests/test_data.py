@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import vmq.models  # noqa: F401
-from vmq.data import eval_loader, eval_transform, folder_dataset, shipped_eval_set
+from vmq.data import (calibration_images, eval_loader, eval_transform, folder_dataset, shipped_calibration_set,
+                      shipped_eval_set, spread_order)
 from vmq.errors import VmqError
 
 
@@ -130,3 +131,39 @@ def test_more_classes_than_model(tmp_path):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / name / "x.png")
     with pytest.raises(VmqError, match="4 classes but the model predicts 3"):
         eval_loader(timm.create_model("test_vim", num_classes=3), tmp_path)
+
+
+def test_spread_order_spans_every_stretch():
+    for n in (1, 2, 7, 256, 1000):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+    order = spread_order(256)
+    for lo in range(0, 256 - 32 + 1, 8):  # any 32 consecutive entries: one in each eighth of the range
+        assert {k * 8 // 256 for k in order[lo:lo + 32]} == set(range(8))
+
+
+def test_calibration_images_from_a_class_sorted_folder_span_the_classes_in_every_batch(tmp_path):
+    # ImageNet layout lists images class by class; calibration takes 40 of 80 evenly spaced, and
+    # each batch of 8 (the first one: a short activation search's images) and the last 10 (JLSS's
+    # held-out images) hold images of many classes, not of one or two
+    colour = {}
+    for c in range(8):
+        (tmp_path / "train" / f"class{c}").mkdir(parents=True)
+        for j in range(10):
+            img = np.full((32, 32, 3), 30 * c + j, dtype=np.uint8)  # the pixel value says class and image
+            Image.fromarray(img).save(tmp_path / "train" / f"class{c}" / f"{j:02d}.png")
+            colour[30 * c + j] = c
+    model = timm.create_model("test_vim").eval()
+    transform, _ = eval_transform(model)
+    images, _ = calibration_images(model, tmp_path, 40)
+    ref = {v: transform(Image.fromarray(np.full((32, 32, 3), v, dtype=np.uint8)))[0, 0, 0].item() for v in colour}
+    # each image is one grey level: find it among the transformed levels
+    labels = [colour[min(ref, key=lambda v: abs(ref[v] - img[0, 0, 0].item()))] for img in images]
+    assert len(labels) == 40 and sorted(set(labels)) == list(range(8))
+    assert all(labels.count(c) == 5 for c in range(8))  # evenly spaced: 5 of each class's 10
+    for lo in range(0, 40, 8):  # (taken in file order, a batch would hold one or two classes)
+        batch = labels[lo:lo + 8]
+        assert len(set(batch)) >= 5 and max(batch.count(c) for c in batch) <= 2, labels
+    assert len(set(labels[-10:])) >= 7, labels
+    shard, _ = calibration_images(model, tmp_path, 40, slice(8, 24))
+    assert torch.equal(shard, images[8:24])

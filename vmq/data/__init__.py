@@ -32,6 +32,7 @@ from vmq.models.registry import reference_models
 
 SHIPPED_EVAL = "cifar10_test_lossless.npz"
 SHIPPED_CALIB = "cifar10_train_calib.npz"
+_GOLDEN = (5 ** 0.5 - 1) / 2
 
 __all__ = ["ArrayImageDataset", "FolderDataset", "EvalSet", "EvalSample", "EvalBatch", "BatchNormalize",
            "collate_eval", "shipped_eval_set", "folder_dataset", "model_label_names", "eval_transform",
@@ -344,12 +345,26 @@ def _evenly_spaced(n: int, k: int) -> List[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
+def spread_order(n: int) -> List[int]:
+    """A permutation of ``range(n)`` whose every prefix and every run of consecutive entries is
+    spread evenly over ``range(n)``: entry ``k`` is the rank of ``frac(k x golden ratio)`` among
+    the ``n`` such fractions (a Kronecker low-discrepancy sequence, as integers)."""
+    keys = [(k * _GOLDEN) % 1.0 for k in range(n)]
+    order = [0] * n
+    for rank, k in enumerate(sorted(range(n), key=keys.__getitem__)):
+        order[k] = rank
+    return order
+
+
 def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num_images: int,
                        shard: Optional[slice] = None) -> Tuple[Tensor, str]:
     """``num_images`` calibration images (N, 3, H, W) with ``model``'s eval transform, and their source.
 
     With no folder, the shipped calibration set is used, which exists only for the reference
-    model. Images are taken evenly spaced over the (class-sorted) set, so every class is seen.
+    model. Images are taken evenly spaced over the (class-sorted) set, so every class is seen,
+    and in :func:`spread_order`, so that every stretch of them spans the classes too: the first
+    images (the activation search's, when it looks at fewer), each calibration batch and the last
+    batches (JLSS's held-out images) sample the whole set, not a few of its classes.
     ``shard``: only those of the ``num_images`` (a process's share under torch.distributed).
     """
     transform, _ = eval_transform(model)
@@ -363,5 +378,7 @@ def calibration_images(model: torch.nn.Module, data: Union[str, Path, None], num
         source = str(ds.root)
     if len(ds) < num_images:
         raise VmqError(f"calibration asks for {num_images} images but {source} holds only {len(ds)}")
-    images = torch.stack([ds[i][0] for i in _evenly_spaced(len(ds), num_images)[shard or slice(None)]])
+    chosen = _evenly_spaced(len(ds), num_images)
+    ordered = [chosen[k] for k in spread_order(len(chosen))]
+    images = torch.stack([ds[i][0] for i in ordered[shard or slice(None)]])
     return images, source
