@@ -7,14 +7,18 @@ import timm
 import torch
 
 import vmq.models  # noqa: F401
+from vmq.activations import ActivationStore
 from vmq.calib import CalibStats, LinearObserver, collect_stats
 from vmq.compress import compress_model, method_for
+from vmq.compress.engine import _tail
 from vmq.compress.methods.uniform import LayerReport
+from vmq.distributed import Part
 from vmq.errors import VmqError
 from vmq.layers import KINDS, QuantizedLinear
 from vmq.models import family_of
 from vmq.modules import set_module
 from vmq.pack.format import load_packed, read_metadata, save_packed
+from vmq.quant.jlss import logit_weights
 from vmq.quant.recipe import QuantRecipe
 from vmq.recipe import parse_recipe
 
@@ -188,7 +192,8 @@ def test_quantize_fake_and_integer_logits_agree(tiny, method, scheme):
     assert all(rep.snr_db > (0 if method == "ptq4vm" else 5) for rep in reports)
 
 
-@pytest.mark.parametrize("loss,target", [("cosine", "fp_input"), ("mse", "fp_input"), ("cosine+mse", "quant_input")])
+@pytest.mark.parametrize("loss,target", [("cosine", "fp_input"), ("mse", "fp_input"), ("cosine+mse", "quant_input"),
+                                         ("logit-weighted", "fp_input")])
 def test_jlss_lowers_the_block_loss(tiny, loss, target):
     model, images, stats = tiny
     qmodel = copy.deepcopy(model)
@@ -268,6 +273,46 @@ def test_held_out_logit_check_is_the_models_logit_error(tiny):
         expected = ((out - fp).double().pow(2)[8:].sum() / fp.double().pow(2)[8:].sum()).item()
         got = logit_error(fam, blocks[0][1], noisy, _tail(model, fam, blocks[1:]), fp, Part.whole(16, 8), (8, 16)).item()
     assert got == pytest.approx(expected, rel=1e-5) and got > 0  # (batches of 8 there, 16 here: fp32 rounding)
+
+
+def test_logit_weights_give_the_logit_change_of_one_output_element(tiny):
+    # w[n, t, c] eps^2 is, to first order, the relative squared change of the logits when block
+    # output element (n, t, c) moves by eps, relative to the mean |z_fp|^2
+    model, images, _ = tiny
+    fam = family_of(model)
+    with torch.no_grad():
+        fp = model(images)
+        blocks = fam.blocks(model)
+        out = fam.run_block(blocks[0][1], fam.embed(model, images))
+        tail = _tail(model, fam, blocks[1:])
+        w = logit_weights(fam, out, tail, fp, Part.whole(16, 8), ActivationStore(torch.device("cpu")))
+        assert w.shape == out[0].shape and bool((w >= 0).all()) and w.device == out[0].device
+        energy = fp.double().pow(2).sum(1).mean()
+        eps = 1e-2
+        for n, t, c in ((3, 5, 7), (10, out[0].shape[1] // 2, 0), (15, 0, 11)):
+            h = out[0].clone()
+            h[n, t, c] += eps
+            moved = (tail((h, out[1])) - tail(out)).double().pow(2).sum() / energy
+            assert moved.item() == pytest.approx(w[n, t, c].item() * eps ** 2, rel=0.05)
+
+
+def test_logit_weights_with_fewer_probes_than_classes_estimate_the_exact_ones(tiny):
+    model, images, _ = tiny
+    fam = family_of(model)
+    store = ActivationStore(torch.device("cpu"))
+    with torch.no_grad():
+        fp = model(images)
+        blocks = fam.blocks(model)
+        out = fam.run_block(blocks[0][1], fam.embed(model, images))
+        tail = _tail(model, fam, blocks[1:])
+        exact = logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=fp.shape[-1])
+        one = logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=2, seed=3)
+        assert torch.equal(one, logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=2, seed=3))
+        mean = sum(logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=5, seed=s)
+                   for s in range(20)) / 20
+    assert not torch.equal(one, exact) and bool((one >= 0).all())
+    assert mean.sum().item() == pytest.approx(exact.sum().item(), rel=0.1)
+    assert torch.corrcoef(torch.stack([mean.flatten(), exact.flatten()]))[0, 1] > 0.9
 
 
 def test_packed_roundtrip_is_exact_and_deterministic(tiny, tmp_path):

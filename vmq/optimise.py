@@ -32,16 +32,24 @@ def relative_mse(out: Tensor, target: Tensor) -> Tensor:
     return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
+def weighted_squared_error(out: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """sum weight * (out - target)^2 over each sample's elements, averaged over samples (with
+    :func:`vmq.quant.jlss.logit_weights`: the Gauss-Newton estimate of the logits' squared error)."""
+    return ((out - target).pow(2) * weight).flatten(1).sum(1).mean()
+
+
 LOSSES = {
     "cosine": cosine_loss,
     "mse": relative_mse,
     "cosine+mse": lambda out, target: cosine_loss(out, target) + relative_mse(out, target),
 }
+#: losses that also take a per-element weight (the same shape as the target): ``(out, target, weight)``
+WEIGHTED_LOSSES = {"logit-weighted": weighted_squared_error}
 
 
 def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
                batch_size: int, part: Optional[Part] = None, items: Optional[Tuple[int, int]] = None,
-               on_device: bool = False) -> Union[float, Tensor]:
+               on_device: bool = False, weight: Optional[Tensor] = None) -> Union[float, Tensor]:
     """``loss_fn`` of ``block``'s output on all ``inputs`` against ``target``, averaged over samples
     (over the samples ``[items[0], items[1])`` of the whole set alone when ``items`` is given; both
     ends on unit boundaries).
@@ -51,16 +59,21 @@ def block_loss(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: T
     compute it. The sum stays on the device (in float64) until the end: one host sync, not one per
     unit. With ``part`` (``inputs`` are a process's shard of a set of ``part.total`` samples) the
     sums of all processes are added: every process gets the loss over the whole set.
-    ``on_device``: the loss as a float64 tensor on the device, with no host sync at all."""
+    ``on_device``: the loss as a float64 tensor on the device, with no host sync at all.
+    ``weight``: per-element weights of the target's shape, for a loss of :data:`WEIGHTED_LOSSES`."""
     part = part if part is not None else Part.whole(io_len(inputs), batch_size)
     lo, hi = items if items is not None else (0, part.total)
     total = torch.zeros((), dtype=torch.float64, device=target.device)
     with torch.no_grad():
         for rows in part.unit_rows(lo, hi):
             out = family.block_output(family.run_block(block, io_slice(inputs, rows)))
-            total += loss_fn(out, target[rows]).double() * out.shape[0]
+            total += _loss(loss_fn, out, target, weight, rows).double() * out.shape[0]
     mean = part.dist.sum(total) / (hi - lo)
     return mean if on_device else mean.item()
+
+
+def _loss(loss_fn: Loss, out: Tensor, target: Tensor, weight: Optional[Tensor], rows) -> Tensor:
+    return loss_fn(out, target[rows]) if weight is None else loss_fn(out, target[rows], weight[rows])
 
 
 def holdout_split(total: int, unit: int, share: float) -> int:
@@ -105,13 +118,15 @@ class BlockTrainer:
     ``on_share(share)`` is called after each unit's backward with its share of the batch (unit
     samples / batch samples), for gradients whose scale depends on the batch size (LSQ's).
     ``learn_items``: batches are drawn from the first ``learn_items`` samples of the whole set
-    only (the rest held out, :func:`holdout_split`); default all.
+    only (the rest held out, :func:`holdout_split`); default all. ``weight``: per-element weights
+    of the target's shape, for a loss of :data:`WEIGHTED_LOSSES`.
     """
 
     def __init__(self, family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor, loss_fn: Loss,
                  batch_size: int, seed: int, params: List[Tensor], part: Optional[Part] = None,
-                 on_share: Optional[Callable[[float], None]] = None, learn_items: Optional[int] = None):
-        self.family, self.block, self.inputs, self.target = family, block, inputs, target
+                 on_share: Optional[Callable[[float], None]] = None, learn_items: Optional[int] = None,
+                 weight: Optional[Tensor] = None):
+        self.family, self.block, self.inputs, self.target, self.weight = family, block, inputs, target, weight
         self.loss_fn, self.params, self.on_share = loss_fn, params, on_share
         self.part = part if part is not None else Part.whole(io_len(inputs), batch_size)
         n = self.part.total if learn_items is None else learn_items
@@ -159,7 +174,7 @@ class BlockTrainer:
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 out = self.family.block_output(self.family.run_block(self.block, io_slice(self.inputs, local)))
-                (self.loss_fn(out, self.target[local]) * share).backward()
+                (_loss(self.loss_fn, out, self.target, self.weight, local) * share).backward()
             if self.on_share is not None:
                 self.on_share(share)
             for i, p in enumerate(self.params):
@@ -176,4 +191,4 @@ class BlockTrainer:
             p.requires_grad_(False)
 
 
-__all__ = ["LOSSES", "cosine_loss", "relative_mse", "block_loss", "holdout_split", "batch_indices", "BlockTrainer"]
+__all__ = ["LOSSES", "WEIGHTED_LOSSES", "cosine_loss", "relative_mse", "weighted_squared_error", "block_loss", "holdout_split", "batch_indices", "BlockTrainer"]

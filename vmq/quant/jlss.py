@@ -17,9 +17,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from vmq.activations import ActivationStore
 from vmq.distributed import Part
+from vmq.errors import VmqError
 from vmq.models.family import BlockIO, ModelFamily, io_len, io_slice
-from vmq.optimise import LOSSES, BlockTrainer, block_loss, holdout_split
+from vmq.optimise import LOSSES, WEIGHTED_LOSSES, BlockTrainer, block_loss, holdout_split
 from vmq.quant.qlinear import QuantLinear
 from vmq.quant.recipe import JLSS
 
@@ -40,7 +42,7 @@ class JLSSResult:
 def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: Tensor,
                 layers: Dict[str, QuantLinear], cfg: JLSS, seed: int = 0,
                 part: Optional[Part] = None, tail: Optional[Callable[[BlockIO], Tensor]] = None,
-                fp_logits: Optional[Tensor] = None) -> JLSSResult:
+                fp_logits: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> JLSSResult:
     """Optimise the quantization parameters of ``layers`` (inside ``block``) in place.
 
     With ``cfg.holdout`` > 0 the last calibration batches (:func:`vmq.optimise.holdout_split`)
@@ -55,6 +57,8 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
     parameters unless they ended above the start on the learning images (too large a step, or
     noise on few images). Either way a block never leaves JLSS worse than it started on the loss
     that decides.
+    ``weight``: the per-element weights of a loss of :data:`vmq.optimise.WEIGHTED_LOSSES`
+    (:func:`logit_weights` for ``logit-weighted``).
     ``part``: ``inputs`` are this process's shard (torch.distributed); losses and gradients are
     over the whole set (:class:`vmq.optimise.BlockTrainer`), so every process decides alike.
     """
@@ -71,17 +75,21 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
     if smooths:
         groups.append({"params": smooths, "lr": cfg.lr_smooth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    loss_fn = LOSSES[cfg.loss]
+    weighted = cfg.loss in WEIGHTED_LOSSES
+    if weighted != (weight is not None):
+        raise ValueError(f"JLSS loss {cfg.loss!r} " + ("needs per-element weights" if weighted else "takes no weights"))
+    loss_fn = WEIGHTED_LOSSES[cfg.loss] if weighted else LOSSES[cfg.loss]
     part = part if part is not None else Part.whole(io_len(inputs), cfg.batch_size)
     learn = holdout_split(part.total, part.unit, cfg.holdout)
     held = (learn, part.total) if learn < part.total else None
 
     def loss(items):
-        return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items)
+        return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items, weight=weight)
 
     def check(items):  # on the device: no host sync per check (a GPU run keeps going)
         if cfg.select == "block" or tail is None:
-            return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items, on_device=True)
+            return block_loss(family, block, inputs, target, loss_fn, cfg.batch_size, part, items, on_device=True,
+                              weight=weight)
         return logit_error(family, block, inputs, tail, fp_logits, part, items)
 
     before = loss((0, learn))
@@ -91,7 +99,8 @@ def learn_block(family: ModelFamily, block: nn.Module, inputs: BlockIO, target: 
         best_held, kept = held_before.clone(), torch.zeros((), dtype=torch.long, device=held_before.device)
     try:
         with BlockTrainer(family, block, inputs, target, loss_fn, cfg.batch_size, seed, params, part,
-                          lambda share: _whole_batch_lsq(act_scales, share), learn_items=learn) as trainer:
+                          lambda share: _whole_batch_lsq(act_scales, share), learn_items=learn,
+                          weight=weight) as trainer:
             for step in range(1, cfg.iterations + 1):
                 for q in layers.values():  # LSQ gradient scaling is active in training mode only
                     q.train()
@@ -144,6 +153,48 @@ def logit_error(family: ModelFamily, block: nn.Module, inputs: BlockIO, tail: Ca
     return sums[0] / sums[1].clamp(min=1e-300)
 
 
+def logit_weights(family: ModelFamily, outputs: BlockIO, tail: Callable[[BlockIO], Tensor], fp_logits: Tensor,
+                  part: Part, store: ActivationStore, probes: int = 16, seed: int = 0) -> Tensor:
+    """How much each element of a block's output moves the logits: the diagonal of J^T J, J the
+    Jacobian of the logits (``tail``: the later blocks, still floating point, and the head) with
+    respect to the block's output, at the floating-point model's ``outputs`` (this process's
+    samples), divided by the mean over the whole set of |z_fp|^2. With these weights,
+    sum w (out - target)^2 is the first-order estimate of the logits' relative squared error
+    (what the logit SNR measures) that a block output ``out`` instead of ``target`` would cause,
+    and it still compares the block's whole output (the ``logit-weighted`` JLSS loss).
+    One backward pass per class and calibration unit when there are at most ``probes`` classes;
+    with more (ImageNet's 1000), ``probes`` passes, each for a random +-1 combination v of the
+    classes (drawn on the CPU from ``seed`` and the unit's index: the same on any device and for
+    any number of processes), whose mean (J^T v)^2 is an unbiased estimate of the diagonal.
+    Kept where ``store`` places activations."""
+    if family.block_output(outputs) is not outputs[0]:
+        raise VmqError("the logit-weighted loss needs a family whose block output is the first tensor of its I/O")
+    energy = (part.dist.sum(fp_logits.double().pow(2).sum()) / part.total).float()
+    classes = fp_logits.shape[-1]
+    gen = torch.Generator(device="cpu")
+
+    def units():
+        for rows in part.unit_rows(0, part.total):
+            io = io_slice(outputs, rows)
+            h = io[0].detach().requires_grad_(True)
+            if classes <= probes:  # the classes one by one: exact
+                dirs = torch.eye(classes)
+            else:  # random +-1 combinations, E[(J^T v)^2] = diag(J^T J); drawn per calibration batch
+                gen.manual_seed(seed * 1_000_003 + (part.start + rows.start) // part.unit)  # (any process count)
+                dirs = torch.randint(0, 2, (probes, classes), generator=gen).float().mul_(2).sub_(1)
+            dirs = dirs.to(h.device)
+            with torch.enable_grad():
+                z = tail((h,) + tuple(io[1:]))
+                w = torch.zeros_like(h)
+                for k, v in enumerate(dirs):
+                    g, = torch.autograd.grad(z @ v, h, grad_outputs=torch.ones(z.shape[0], device=h.device),
+                                             retain_graph=k + 1 < len(dirs))
+                    w += g.pow(2)
+            yield (w.div_(energy if classes <= probes else energy * len(dirs)),)
+
+    return store.collect(units(), io_len(outputs))[0]
+
+
 def _whole_batch_lsq(act_scales, share: float) -> None:
     """LSQ scales an activation step size's gradient by 1/sqrt(values per step), counted on what
     one forward saw (a unit's share of the batch, :class:`vmq.optimise.BlockTrainer`); rescale it
@@ -153,4 +204,4 @@ def _whole_batch_lsq(act_scales, share: float) -> None:
             p.grad.mul_(math.sqrt(share))
 
 
-__all__ = ["JLSSResult", "learn_block", "logit_error"]
+__all__ = ["JLSSResult", "learn_block", "logit_error", "logit_weights"]

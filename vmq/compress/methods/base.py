@@ -72,10 +72,13 @@ class BlockJob:
                                   self.batch_size, self.prefix)
         return {name: self.part.dist.gather_cat(seen.get(name), self.target.device) for name in names}
 
+    def activation_store(self) -> ActivationStore:
+        """Where this block's activations are kept (the engine's store; else the block's device)."""
+        return self.store if self.store is not None else ActivationStore(self.target.device)
+
     def run(self, io: BlockIO) -> BlockIO:
         """The block's outputs on all of ``io``, kept where the store places them."""
-        store = self.store if self.store is not None else ActivationStore(self.target.device)
-        return store.run(self.family, self.block, io, self.batch_size)
+        return self.activation_store().run(self.family, self.block, io, self.batch_size)
 
     def install(self, layers: Dict[str, nn.Module]) -> None:
         for name, layer in layers.items():

@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 from vmq.compress.methods.base import BlockJob, register_method
 from vmq.compress.methods.uniform import TruncatingMethod
-from vmq.quant.jlss import learn_block
+from vmq.quant.jlss import learn_block, logit_weights
 
 
 @register_method
@@ -14,7 +14,8 @@ class PTQ4VM(TruncatingMethod):
     name = "ptq4vm"
 
     def needs_logits(self) -> bool:
-        return self.stage.jlss.holdout > 0 and self.stage.jlss.select == "logits"
+        cfg = self.stage.jlss
+        return cfg.loss == "logit-weighted" or (cfg.holdout > 0 and cfg.select == "logits")
 
     def prepare(self, job: BlockJob):
         if self.stage.jlss.target == "quant_input":  # this floating-point block on the quantized inputs
@@ -22,7 +23,11 @@ class PTQ4VM(TruncatingMethod):
         return super().prepare(job)
 
     def fit(self, job: BlockJob, layers) -> Dict[str, Any]:
+        weight = None
+        if self.stage.jlss.loss == "logit-weighted":
+            weight = logit_weights(job.family, job.fp_out, job.tail, job.fp_logits, job.part, job.activation_store(),
+                                   self.stage.jlss.logit_probes, job.seed)
         r = learn_block(job.family, job.block, job.q_io, job.target, layers, self.stage.jlss, job.seed, job.part,
-                        job.tail, job.fp_logits)
+                        job.tail, job.fp_logits, weight)
         return {"loss_before": r.loss_before, "loss_after": r.loss_after, "holdout_before": r.holdout_before,
                 "holdout_after": r.holdout_after, "steps_kept": r.steps_kept}
