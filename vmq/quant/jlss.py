@@ -178,11 +178,11 @@ def logit_weights(family: ModelFamily, outputs: BlockIO, tail: Callable[[BlockIO
             io = io_slice(outputs, rows)
             h = io[0].detach().requires_grad_(True)
             if classes <= probes:  # the classes one by one: exact
-                dirs = torch.eye(classes)
+                dirs = torch.eye(classes, device=h.device)
             else:  # random +-1 combinations, E[(J^T v)^2] = diag(J^T J); drawn per calibration batch
                 gen.manual_seed(seed * 1_000_003 + (part.start + rows.start) // part.unit)  # (any process count)
-                dirs = torch.randint(0, 2, (probes, classes), generator=gen).float().mul_(2).sub_(1)
-            dirs = dirs.to(h.device)
+                signs = torch.randint(0, 2, (probes, classes), generator=gen, device=gen.device)
+                dirs = signs.to(h.device, torch.float32).mul_(2).sub_(1)
             with torch.enable_grad():
                 z = tail((h,) + tuple(io[1:]))
                 w = torch.zeros_like(h)
