@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from vmq.data import (_evenly_spaced, calibration_images, eval_transform, shipped_calibration_set,  # noqa: E402
                       shipped_eval_set)
+from vmq.metrics import snr_db  # noqa: E402
 from vmq.models import create_model  # noqa: E402
 from vmq.optimise import holdout_split  # noqa: E402
 from vmq.pack.format import load_packed  # noqa: E402
@@ -31,11 +32,6 @@ from vmq.pack.format import load_packed  # noqa: E402
 
 def logits(model, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def snr_db(z: torch.Tensor, ref: torch.Tensor) -> float:
-    z, ref = z.double(), ref.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (z - ref).pow(2).sum()))
 
 
 def main() -> None:
@@ -66,7 +62,7 @@ def main() -> None:
     for path in args.packed:
         model, _ = load_packed(path)
         model.eval()
-        cells = [f"{snr_db(logits(model, v), ref[k]):.2f}" for k, v in sets.items()]
+        cells = [f"{snr_db(ref[k], logits(model, v)):.2f}" for k, v in sets.items()]
         print(f"| {path.name} | " + " | ".join(cells) + " |")
 
 

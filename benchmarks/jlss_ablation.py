@@ -29,11 +29,12 @@ SCHEMES = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 #: name: (what it is, --set overrides on top of configs/w4a8.yaml with the scheme's bits)
 VARIANTS = {
     "pts": ("the start: PTS, no learning", ["quantization.method=pts"]),
-    "default": ("vmq's defaults: logit-weighted loss, FP target; the step kept is the one whose logits follow FP best on "
-                "the held-out images", []),
+    "default": ("vmq's defaults: logit-weighted loss, FP target; the step kept is the one whose logits follow FP "
+                "best on the held-out images", []),
     "block": ("the step kept is the one with the lowest block loss on the held-out images",
               ["quantization.jlss.select=block"]),
-    "mse": ("loss: relative MSE per token (the default before the logit-weighted loss)", ["quantization.jlss.loss=mse"]),
+    "mse": ("loss: relative MSE per token (the default before the logit-weighted loss)",
+            ["quantization.jlss.loss=mse"]),
     "last": ("no held-out images: the last step unless worse than the start on the learning images",
              ["quantization.jlss.holdout=0"]),
     "cosine": ("PTQ4VM's loss (1 - cosine)", ["quantization.jlss.loss=cosine"]),

@@ -275,16 +275,21 @@ def test_held_out_logit_check_is_the_models_logit_error(tiny):
     assert got == pytest.approx(expected, rel=1e-5) and got > 0  # (batches of 8 there, 16 here: fp32 rounding)
 
 
-def test_logit_weights_give_the_logit_change_of_one_output_element(tiny):
-    # w[n, t, c] eps^2 is, to first order, the relative squared change of the logits when block
-    # output element (n, t, c) moves by eps, relative to the mean |z_fp|^2
+def _first_block(tiny):
+    """The family, the FP logits, the first block's FP output and the tail after it."""
     model, images, _ = tiny
     fam = family_of(model)
     with torch.no_grad():
-        fp = model(images)
         blocks = fam.blocks(model)
         out = fam.run_block(blocks[0][1], fam.embed(model, images))
-        tail = _tail(model, fam, blocks[1:])
+        return fam, model(images), out, _tail(model, fam, blocks[1:])
+
+
+def test_logit_weights_give_the_logit_change_of_one_output_element(tiny):
+    # w[n, t, c] eps^2 is, to first order, the relative squared change of the logits when block
+    # output element (n, t, c) moves by eps, relative to the mean |z_fp|^2
+    fam, fp, out, tail = _first_block(tiny)
+    with torch.no_grad():
         w = logit_weights(fam, out, tail, fp, Part.whole(16, 8), ActivationStore(torch.device("cpu")))
         assert w.shape == out[0].shape and bool((w >= 0).all()) and w.device == out[0].device
         energy = fp.double().pow(2).sum(1).mean()
@@ -297,14 +302,9 @@ def test_logit_weights_give_the_logit_change_of_one_output_element(tiny):
 
 
 def test_logit_weights_with_fewer_probes_than_classes_estimate_the_exact_ones(tiny):
-    model, images, _ = tiny
-    fam = family_of(model)
+    fam, fp, out, tail = _first_block(tiny)
     store = ActivationStore(torch.device("cpu"))
     with torch.no_grad():
-        fp = model(images)
-        blocks = fam.blocks(model)
-        out = fam.run_block(blocks[0][1], fam.embed(model, images))
-        tail = _tail(model, fam, blocks[1:])
         exact = logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=fp.shape[-1])
         one = logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=2, seed=3)
         assert torch.equal(one, logit_weights(fam, out, tail, fp, Part.whole(16, 8), store, probes=2, seed=3))

@@ -191,4 +191,5 @@ class BlockTrainer:
             p.requires_grad_(False)
 
 
-__all__ = ["LOSSES", "WEIGHTED_LOSSES", "cosine_loss", "relative_mse", "weighted_squared_error", "block_loss", "holdout_split", "batch_indices", "BlockTrainer"]
+__all__ = ["LOSSES", "WEIGHTED_LOSSES", "cosine_loss", "relative_mse", "weighted_squared_error", "block_loss",
+           "holdout_split", "batch_indices", "BlockTrainer"]

@@ -75,9 +75,9 @@ class JLSS(StrictModel):
         "fp_input", description="the floating-point block fed floating-point inputs (PTQ4VM: learn to compensate "
                                 "earlier blocks' error) or the quantized model's inputs (match this block only)")
     loss: Literal["cosine", "mse", "cosine+mse", "logit-weighted"] = Field(
-        "logit-weighted", description="block-output loss: 1 - cosine per token (PTQ4VM), relative MSE, their sum, or the "
-                           "squared error weighted by how much each output element moves the logits (through the "
-                           "later floating-point blocks and the head)")
+        "logit-weighted", description="block-output loss: 1 - cosine per token (PTQ4VM), relative MSE, their sum, "
+                                      "or the squared error weighted by how much each output element moves the "
+                                      "logits (through the later floating-point blocks and the head)")
     logit_probes: int = Field(16, ge=1, le=4096, description="backward passes per calibration batch for the "
                               "logit-weighted loss's weights: one per class (exact) when the model has at most this "
                               "many classes, else this many random +-1 combinations of the classes (an estimate)")
